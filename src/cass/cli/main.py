@@ -1,0 +1,143 @@
+"""The ``cass`` command line: each command is a thin layer over a documented Python function.
+
+Options default to ``None`` meaning "not given", so that a value from ``--config FILE.yaml`` is only
+overridden by options the user actually typed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cass.config import ConfigError, PretrainConfig, load_yaml, merge
+
+app = typer.Typer(
+    name="cass",
+    help="Cross-Architectural Self-Supervision (CASS) for medical images: pretrain, fine-tune, compare, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the input or the options: shown as one clear line, not a traceback."""
+    from cass.data.sources import BadImageError, DataError
+    from cass.models.factory import WeightsUnavailableError
+    from cass.training.checkpoint import CheckpointError
+    from cass.training.engine import NonFiniteLossError
+
+    return (ConfigError, BadImageError, DataError, WeightsUnavailableError, CheckpointError, NonFiniteLossError)
+
+
+def friendly_errors(command: F) -> F:
+    """Print user errors as ``error: ...`` and exit with status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return command(*args, **kwargs)
+        except _user_errors() as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: the last finished epoch is saved; rerun with --resume RUN_DIR", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user typed, as dotted config keys (``None`` means not given)."""
+    return {key.replace("__", "."): value for key, value in options.items() if value is not None}
+
+
+Opt = typer.Option
+
+
+@app.command()
+@friendly_errors
+def pretrain(
+    config: Annotated[Path | None, Opt("--config", help="YAML file with any of these options.")] = None,
+    data: Annotated[str | None, Opt(help="Folder, CSV, zip or .npz of images (labels ignored). Default: the shipped sample.")] = None,
+    val_data: Annotated[str | None, Opt(help="Validation images (default: the val/ split of --data).")] = None,
+    method: Annotated[str | None, Opt(help="Pretraining method: cass (default) or dino.")] = None,
+    arch: Annotated[str | None, Opt(help="For single-network methods (dino): cnn or vit.")] = None,
+    cnn: Annotated[str | None, Opt(help="timm name of the CNN (default resnet50).")] = None,
+    vit: Annotated[str | None, Opt(help="timm name of the Transformer (default vit_base_patch16_384).")] = None,
+    init: Annotated[str | None, Opt(help="scratch (default), imagenet, or a checkpoint / run directory.")] = None,
+    cnn_weights: Annotated[str | None, Opt(help="Local ImageNet weights for the CNN (safetensors or state dict).")] = None,
+    vit_weights: Annotated[str | None, Opt(help="Local ImageNet weights for the Transformer.")] = None,
+    img_size: Annotated[int | None, Opt(help="Input size in pixels (default: the Transformer's own).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Global batch size (default 16).")] = None,
+    epochs: Annotated[int | None, Opt(help="Epochs (default 100).")] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate (default 1e-3).")] = None,
+    swa: Annotated[bool | None, Opt("--swa/--no-swa", help="Stochastic weight averaging (default off).")] = None,
+    seed: Annotated[int | None, Opt(help="Seed for init, order and augmentations (default 0).")] = None,
+    out: Annotated[str | None, Opt(help="Run directory (default runs/pretrain).")] = None,
+    devices: Annotated[int | None, Opt(help="Devices (GPUs or CPU processes) per node.")] = None,
+    num_nodes: Annotated[int | None, Opt(help="Nodes for multi-node DDP.")] = None,
+    accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu.")] = None,
+    precision: Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU) or a Lightning precision.")] = None,
+    num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
+    skip_bad_images: Annotated[bool | None, Opt("--skip-bad-images/--stop-on-bad-images", help="Skip unreadable images (counted) instead of stopping.")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this directory (other options override its config).")] = None,
+) -> None:
+    """Self-supervised pretraining (CASS by default) on unlabeled images."""
+    from cass.training.engine import load_run_config
+    from cass.training.engine import pretrain as run_pretrain
+
+    overrides = given(
+        data__data=data, data__val_data=val_data, method=method, arch=arch, cnn=cnn, vit=vit, init=init,
+        cnn_weights=cnn_weights, vit_weights=vit_weights, img_size=img_size, batch_size=batch_size, epochs=epochs,
+        lr=lr, swa=swa, seed=seed, out=out, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
+        precision=precision, data__num_workers=num_workers, data__skip_bad_images=skip_bad_images,
+    )
+    if resume is not None:
+        cfg = load_run_config(resume, overrides)
+    else:
+        cfg = load_yaml(PretrainConfig, config) if config else PretrainConfig()
+        cfg = merge(cfg, overrides)
+    run_dir = run_pretrain(cfg, resume=resume is not None)
+    typer.echo(f"run directory: {run_dir}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[str, Opt(help="Where the demo writes its runs.")] = "runs/demo",
+    epochs: Annotated[int, Opt(help="Pretraining epochs.")] = 3,
+) -> None:
+    """A short CASS pretraining (resnet18 + vit_tiny at 64 px) on the shipped brain-MRI sample."""
+    from cass.training.engine import pretrain as run_pretrain
+
+    cfg = PretrainConfig(
+        cnn="resnet18", vit="vit_tiny_patch16_224", img_size=64, batch_size=16, epochs=epochs,
+        out=str(Path(out) / "cass"), accelerator="cpu" if not _has_gpu() else "auto",
+    )
+    resume = (Path(cfg.out) / "checkpoint.safetensors").exists()
+    run_pretrain(cfg, resume=resume)
+    typer.echo(f"demo pretraining run: {cfg.out}")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,70 @@
+"""CASS (Cross-Architectural Self-Supervision), exactly as SPEC §1 describes it.
+
+One augmented view per image is fed to a CNN and a Transformer; the loss pulls their L2-normalised
+head outputs together, ``2 - 2 cos(z_cnn, z_vit)``, with gradients into both networks. There is no
+projector, predictor, EMA or stop-gradient, so nothing but the two architectures' different
+inductive biases stands between the objective and collapse; the engine's diagnostics watch for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim import Adam, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from cass.config import PretrainConfig
+from cass.data.transforms import cass_augmentation
+from cass.methods.base import Progress, PretrainMethod, StepOutput
+from cass.methods.registry import register_method
+from cass.models.factory import Network, create_network
+from cass.training.schedules import cosine_lambda
+
+
+def cass_loss(z_cnn: torch.Tensor, z_vit: torch.Tensor) -> torch.Tensor:
+    """``mean_batch(2 - 2 cos(z_cnn, z_vit))``: the squared distance of the L2-normalised outputs."""
+    cos = F.cosine_similarity(z_cnn.float(), z_vit.float(), dim=-1)
+    return (2 - 2 * cos).mean()
+
+
+@register_method("cass")
+class CASS(PretrainMethod):
+    """A timm CNN and a timm Transformer trained together by agreement of their head outputs."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__(cfg)
+        common = {"init": cfg.init, "num_outputs": cfg.cass.embed_dim, "img_size": cfg.img_size}
+        self.cnn = create_network(cfg.cnn, weights=cfg.cnn_weights, role="cnn", **common)
+        self.vit = create_network(cfg.vit, weights=cfg.vit_weights, role="vit", **common)
+
+    def networks(self) -> dict[str, Network]:
+        return {"cnn": self.cnn, "vit": self.vit}
+
+    @property
+    def img_size(self) -> int:
+        # The Transformer is the one built for a fixed size; the CNN follows it.
+        return self.cfg.img_size or self.vit.input_size
+
+    def train_transform(self) -> Callable[..., Any]:
+        return cass_augmentation(self.img_size)
+
+    def forward(self, images: torch.Tensor, progress: Progress) -> StepOutput:
+        feats_cnn, z_cnn = self.cnn(images)
+        feats_vit, z_vit = self.vit(images)
+        return StepOutput(
+            loss=cass_loss(z_cnn, z_vit),
+            outputs={"cnn": z_cnn.detach(), "vit": z_vit.detach()},
+            features={"cnn": feats_cnn.detach(), "vit": feats_vit.detach()},
+        )
+
+    def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:
+        """Adam at ``lr``, cosine decay to ``min_lr`` over the whole run, stepped once per iteration."""
+        groups = [self.cnn.parameters(), self.vit.parameters()]
+        if not self.cfg.cass.separate_optimizers:
+            groups = [list(self.cnn.parameters()) + list(self.vit.parameters())]
+        optimizers: list[Optimizer] = [Adam(params, lr=self.cfg.lr) for params in groups]
+        schedule = cosine_lambda(total_steps, self.cfg.lr, self.cfg.min_lr)
+        return optimizers, [LambdaLR(opt, schedule) for opt in optimizers]

@@ -1,0 +1,34 @@
+"""Registry of pretraining methods: ``cass pretrain --method NAME`` looks names up here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cass.config import ConfigError, PretrainConfig
+from cass.methods.base import PretrainMethod
+
+METHODS: dict[str, type[PretrainMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[PretrainMethod]], type[PretrainMethod]]:
+    """Class decorator adding a method under ``name``."""
+
+    def add(cls: type[PretrainMethod]) -> type[PretrainMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def create_method(cfg: PretrainConfig) -> PretrainMethod:
+    """Instantiate the method named by ``cfg.method``."""
+    import cass.methods  # noqa: F401  (importing the package registers every method)
+
+    try:
+        cls = METHODS[cfg.method]
+    except KeyError:
+        raise ConfigError(f"unknown method {cfg.method!r}; available: {', '.join(sorted(METHODS))}") from None
+    return cls(cfg)

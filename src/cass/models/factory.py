@@ -1,0 +1,155 @@
+"""One factory over timm for every network in cass (CNN or Transformer, any timm name).
+
+Initialisation is always one of ``scratch``, ``imagenet`` or a path:
+
+* ``scratch``: random init with a fresh head of ``num_outputs`` (CASS compares head outputs).
+* ``imagenet``: timm's pretrained weights, from ``weights`` (a local safetensors / state-dict file)
+  when given, else timm's download. Offline without a file this fails with a message saying how.
+* a path: a cass run directory (its ``<role>.safetensors``), or a safetensors / state-dict file.
+  Tensors whose shape does not match (typically the head) are dropped and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cass.models.weights import load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded (offline, missing file, bad file)."""
+
+
+class Network(nn.Module):
+    """A timm model that normalises its own input with the mean and std of its timm config.
+
+    Inputs are float images in [0, 1], so one tensor can be fed to networks with different
+    normalisations (SPEC §1: use each model's own mean/std).
+    """
+
+    def __init__(self, model: nn.Module, name: str, img_size: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        cfg = timm.data.resolve_model_data_config(model)
+        self.input_size: int = img_size or int(cfg["input_size"][-1])
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.model.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (what probes, k-NN and ``cass embed`` use)."""
+        x = (x - self.mean) / self.std
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (pooled features, head outputs) from one pass."""
+        feats = self.features(x)
+        return feats, self.model.get_classifier()(feats)
+
+    def reset_head(self, num_outputs: int) -> None:
+        """Replace the head by a fresh linear layer (fine-tuning to C classes)."""
+        self.model.reset_classifier(num_outputs)
+
+
+def _timm_create(name: str, img_size: int | None, **kwargs) -> nn.Module:
+    """Create a timm model, passing ``img_size`` only to models built for a fixed size (ViTs)."""
+    if name.split(".")[0] not in timm.list_models():
+        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:
+            pass  # convolutional networks take any input size and no img_size argument
+    return timm.create_model(name, **kwargs)
+
+
+def create_network(
+    name: str,
+    *,
+    init: str = "scratch",
+    weights: str | None = None,
+    num_outputs: int = 1000,
+    img_size: int | None = None,
+    role: str | None = None,
+) -> Network:
+    """Build a timm network for cass.
+
+    ``role`` (``cnn``, ``vit``) picks ``<role>.safetensors`` when ``init`` is a run directory.
+    """
+    if init == "scratch":
+        if weights:
+            raise WeightsUnavailableError(f"weights file {weights} given with init 'scratch'; use init 'imagenet'")
+        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs)
+    elif init == "imagenet":
+        model = _create_imagenet(name, weights, num_outputs, img_size)
+    else:
+        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs)
+        _load_checkpoint_into(model, _resolve_init_path(Path(init), role))
+    return Network(model, name, img_size)
+
+
+def _create_imagenet(name: str, weights: str | None, num_outputs: int, img_size: int | None) -> nn.Module:
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file not found: {path}")
+        try:
+            return _timm_create(
+                name, img_size, pretrained=True, num_classes=num_outputs, pretrained_cfg_overlay={"file": str(path)}
+            )
+        except Exception as err:  # timm raises many kinds; the user needs the file and the reason
+            raise WeightsUnavailableError(f"cannot load ImageNet weights for {name} from {path}: {err}") from err
+    try:
+        return _timm_create(name, img_size, pretrained=True, num_classes=num_outputs)
+    except Exception as err:
+        raise WeightsUnavailableError(
+            f"cannot download ImageNet weights for {name} ({type(err).__name__}: {err}). Offline, download them "
+            f"on a machine with internet (python -c \"import timm; timm.create_model('{name}', pretrained=True)\", "
+            "then copy the model.safetensors from the Hugging Face cache) and pass it with --cnn-weights/"
+            "--vit-weights PATH, or use --init scratch"
+        ) from err
+
+
+def _resolve_init_path(path: Path, role: str | None) -> Path:
+    if path.is_dir():
+        candidate = path / f"{role}.safetensors" if role else None
+        if candidate is None or not candidate.is_file():
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            raise WeightsUnavailableError(
+                f"init directory {path} has no weights for role {role!r} (found: {', '.join(found) or 'none'})"
+            )
+        return candidate
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"init {str(path)!r} is neither 'scratch', 'imagenet' nor an existing checkpoint file or run directory"
+        )
+    return path
+
+
+def _load_checkpoint_into(model: nn.Module, path: Path) -> None:
+    """Load matching tensors of ``path``; mismatched heads are expected and only reported."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    dropped = sorted(set(state) - set(usable))
+    missing = sorted(set(own) - set(usable))
+    if not usable:
+        raise WeightsUnavailableError(f"{path}: no tensor matches the model (is it the same architecture?)")
+    model.load_state_dict(usable, strict=False)
+    if dropped or missing:
+        log.info("%s: loaded %d tensors, kept fresh %s, ignored %s", path, len(usable), missing, dropped)

@@ -1,0 +1,355 @@
+"""The pretraining engine, on Lightning Fabric.
+
+Fabric (rather than the Trainer) because every method here needs its own loop details (two optimisers
+for CASS, an EMA teacher and per-step weight-decay for DINO) and because checkpoints must be
+safetensors written atomically, not the Trainer's pickled dicts. Fabric still gives us devices,
+precision, DDP over ``--devices``/``--num-nodes`` (torchrun and SLURM environments are detected) and
+loggers, without a home-made launcher.
+
+Determinism: the order of images depends only on (seed, epoch) and each image's augmentation on
+(seed, epoch, index), so a resumed run, a run with more workers and a DDP run with the same global batch
+all see the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+import cass
+from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
+from cass.data.dataset import ImageDataset
+from cass.data.sources import load_splits
+from cass.methods.base import PretrainMethod, Progress
+from cass.methods.registry import create_method
+from cass.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
+from cass.training.diagnostics import CollapseMonitor, collapse_warnings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights that a resumed run needs."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def resolve_precision(cfg: PretrainConfig, accelerator: str) -> str:
+    """``auto`` means bf16 autocast on a GPU and fp32 elsewhere."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()) else "32-true"
+
+
+def make_fabric(cfg: PretrainConfig, run_dir: Path) -> Fabric:
+    """A launched Fabric for the config's devices, nodes and precision."""
+    strategy = "ddp" if cfg.devices * cfg.num_nodes > 1 else "auto"
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=resolve_precision(cfg, cfg.accelerator),
+        loggers=[TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")],
+    )
+    fabric.launch()
+    return fabric
+
+
+def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric) -> DataLoader:
+    """Shuffled by (seed, epoch) identically for any world size: rank r takes every r-th image."""
+    world = fabric.world_size
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    per_process = cfg.batch_size // world
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=fabric.global_rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    return DataLoader(
+        dataset,
+        batch_size=per_process,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsFile:
+    """One CSV row per epoch; a resumed run drops rows past its checkpoint so the file stays true."""
+
+    def __init__(self, path: Path, resume_epoch: int) -> None:
+        self.path = path
+        rows = self.read(path) if path.exists() else []
+        self.rows = [r for r in rows if int(r["epoch"]) <= resume_epoch]
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, str]]:
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append({k: str(v) for k, v in row.items()})
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+class SWA:
+    """Stochastic weight averaging of every exported network (off by default, SPEC §1)."""
+
+    def __init__(self, networks: dict[str, torch.nn.Module], start_epoch: int) -> None:
+        self.start_epoch = start_epoch
+        self.models = {role: AveragedModel(net) for role, net in networks.items()}
+
+    def update(self, networks: dict[str, torch.nn.Module], finished_epoch: int) -> None:
+        if finished_epoch > self.start_epoch:
+            for role, net in networks.items():
+                self.models[role].update_parameters(net)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {role: model.state_dict() for role, model in self.models.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for role, model in self.models.items():
+            model.load_state_dict(state[role])
+
+
+def load_run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """The saved config of a run, with overrides (e.g. more epochs) applied; for ``--resume``."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CONFIG} there (is it a cass run directory?)")
+    cfg = merge(load_yaml(PretrainConfig, path), overrides or {})
+    cfg.out = str(run_dir)
+    return cfg
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    """Self-supervised pretraining; returns the run directory.
+
+    The run directory holds ``config.yaml`` (resolved), ``checkpoint.safetensors`` (full state, written
+    after every epoch), ``<role>.safetensors`` (plain timm weights of each exported network),
+    ``metrics.csv`` (loss, lr, collapse diagnostics, time, img/s, peak memory per epoch) and
+    ``tensorboard/``. With ``resume=True`` it continues from the checkpoint in ``cfg.out``.
+    """
+    run_dir = Path(cfg.out)
+    checkpoint_path = run_dir / CHECKPOINT
+    if not resume and checkpoint_path.exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if resume and not checkpoint_path.exists():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there yet (the first epoch never finished)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    fabric = make_fabric(cfg, run_dir)
+    fabric.seed_everything(cfg.seed, verbose=False)
+    method = create_method(cfg)
+    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
+    train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
+    dataset = ImageDataset(train_images, method.train_transform(), seed=cfg.seed)
+    loader = make_loader(dataset, cfg, fabric)
+    sampler = loader.sampler
+    steps_per_epoch = len(loader)
+
+    if fabric.world_size > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    optimizers, schedulers = method.configure_optimizers(steps_per_epoch * cfg.epochs)
+    swa = SWA(method.networks(), int(cfg.swa_start * cfg.epochs)) if cfg.swa else None
+
+    state = TrainState()
+    if resume:
+        state = _restore(checkpoint_path, cfg, method, optimizers, schedulers, swa)
+        fabric.print(f"resumed {run_dir} at epoch {state.epoch}/{cfg.epochs}")
+    if fabric.is_global_zero:
+        save_yaml(cfg, run_dir / CONFIG)
+
+    model = fabric.setup_module(method)
+    fabric_optimizers = fabric.setup_optimizers(*optimizers)
+    if not isinstance(fabric_optimizers, (list, tuple)):
+        fabric_optimizers = [fabric_optimizers]
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    metrics = MetricsFile(run_dir / METRICS, state.epoch) if fabric.is_global_zero else None
+    monitor = CollapseMonitor(cfg.diagnostics_samples)
+
+    for epoch in range(state.epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        if fabric.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(fabric.device)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=fabric.device)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero, leave=False,
+                   file=sys.stdout, dynamic_ncols=True)
+        for i, (views, _targets, _index) in enumerate(bar):
+            progress = Progress(epoch=epoch, step=state.step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+            for opt in fabric_optimizers:
+                opt.zero_grad(set_to_none=True)
+            out = model(views, progress)
+            fabric.backward(out.loss)
+            method.before_optimizer_step(progress)
+            for opt in fabric_optimizers:
+                opt.step()
+            for sched in schedulers:
+                sched.step()
+            method.after_optimizer_step(progress)
+            state.step += 1
+            loss_sum += out.loss.detach()
+            monitor.update(out.outputs, out.features)
+            if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:  # the only host syncs of the loop
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{out.loss.item():.4f}", img_s=f"{(i + 1) * cfg.batch_size / elapsed:.1f}")
+        bar.close()
+        epoch_time = time.perf_counter() - start
+        mean_loss = float(fabric.all_reduce(loss_sum / steps_per_epoch, reduce_op="mean"))
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"loss became {mean_loss} in epoch {epoch + 1}; stopped. {run_dir / CHECKPOINT} still holds the "
+                f"last good epoch ({state.epoch}); lower --lr or check the data, then --resume {run_dir}"
+            )
+        state.epoch = epoch + 1
+        if swa is not None:
+            swa.update(method.networks(), state.epoch)
+        row = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "loss": mean_loss,
+            "lr": schedulers[0].get_last_lr()[0],
+            **monitor.compute(),
+            "epoch_time_s": epoch_time,
+            "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
+            "device_time_s": epoch_time * fabric.world_size,
+            "peak_memory_mb": _peak_memory_mb(fabric.device),
+        }
+        fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
+        _report_epoch(fabric, row, cfg)
+        if state.epoch == cfg.epochs and swa is not None:
+            for role, averaged in swa.models.items():
+                update_bn(loader, averaged, device=fabric.device)
+        if fabric.is_global_zero:
+            metrics.append(row)
+            _save(run_dir, cfg, method, optimizers, schedulers, swa, state)
+        fabric.barrier()
+    return run_dir
+
+
+def _report_epoch(fabric: Fabric, row: dict[str, Any], cfg: PretrainConfig) -> None:
+    parts = [f"epoch {row['epoch']}/{cfg.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
+    for key, value in row.items():
+        if key.endswith("_output_std") or key.endswith("_effective_rank"):
+            parts.append(f"{key} {value:.3f}")
+    parts.append(f"{row['images_per_s']:.1f} img/s")
+    fabric.print("  ".join(parts))
+    for warning in collapse_warnings(row, cfg.collapse_threshold):
+        log.warning(warning)
+        fabric.print(f"WARNING: {warning}")
+
+
+def _save(
+    run_dir: Path,
+    cfg: PretrainConfig,
+    method: PretrainMethod,
+    optimizers: list[torch.optim.Optimizer],
+    schedulers: list[Any],
+    swa: SWA | None,
+    state: TrainState,
+) -> None:
+    """Full checkpoint first, then the plain per-network weights (SWA-averaged once SWA ran)."""
+    info = {"cass_version": cass.__version__, "config": (run_dir / CONFIG).read_text(), "method": cfg.method}
+    full = {
+        "method": method.state_dict(),
+        "extra": method.extra_state(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "schedulers": [sched.state_dict() for sched in schedulers],
+        "swa": swa.state_dict() if swa else None,
+        "train": {"epoch": state.epoch, "step": state.step},
+        "rng": _rng_state(),
+    }
+    save_checkpoint(run_dir / CHECKPOINT, full, info)
+    use_swa = swa is not None and state.epoch > swa.start_epoch
+    for role, net in method.networks().items():
+        weights = swa.models[role].module if use_swa else net
+        save_weights(
+            run_dir / f"{role}.safetensors",
+            weights.model.state_dict(),
+            {**info, "role": role, "timm_name": net.name, "epoch": str(state.epoch), "swa": str(use_swa)},
+        )
+
+
+def _restore(
+    path: Path,
+    cfg: PretrainConfig,
+    method: PretrainMethod,
+    optimizers: list[torch.optim.Optimizer],
+    schedulers: list[Any],
+    swa: SWA | None,
+) -> TrainState:
+    saved, info = load_checkpoint(path)
+    if info.get("method") != cfg.method:
+        raise CheckpointError(f"{path} was written by method {info.get('method')!r}, not {cfg.method!r}")
+    method.load_state_dict(saved["method"])
+    method.load_extra_state(saved["extra"])
+    for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    for sched, sched_state in zip(schedulers, saved["schedulers"], strict=True):
+        sched.load_state_dict(sched_state)
+    if swa is not None and saved["swa"] is not None:
+        swa.load_state_dict(saved["swa"])
+    _set_rng_state(saved["rng"])
+    train = saved["train"]
+    if train["epoch"] >= cfg.epochs:
+        log.warning("%s already finished %d of %d epochs; nothing to do", path, train["epoch"], cfg.epochs)
+    return TrainState(epoch=train["epoch"], step=train["step"])

@@ -1,0 +1,20 @@
+"""Shared fixtures: the real data under ../shared/data and tiny network names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CASS_SHARED_DATA", REPO.parent / "shared" / "data"))
+TINY_CNN = "resnet18"
+TINY_VIT = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets of the project; tests fail (not skip) when they are missing."""
+    assert (SHARED_DATA / "mini-cpu").is_dir(), f"real test data not found at {SHARED_DATA} (set CASS_SHARED_DATA)"
+    return SHARED_DATA

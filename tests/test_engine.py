@@ -1,0 +1,146 @@
+"""The pretraining engine on real images: zeroed gradients, logs, exact resume, DDP = 1 process."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cass.cli.main import app
+from cass.config import ConfigError, DataConfig, PretrainConfig
+from cass.methods.cass import CASS
+from cass.training.engine import pretrain
+from conftest import TINY_CNN, TINY_VIT
+
+
+def engine_cfg(shared_data: Path, out: Path, **kw) -> PretrainConfig:
+    values = dict(
+        data=DataConfig(data=str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), num_workers=0),
+        cnn=TINY_CNN, vit=TINY_VIT, img_size=32, batch_size=16, epochs=2, out=str(out), accelerator="cpu",
+    )
+    values.update(kw)
+    return PretrainConfig(**values)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {f"{role}.{k}": v for role in ("cnn", "vit") for k, v in load_file(run_dir / f"{role}.safetensors").items()}
+
+
+def test_gradients_are_zeroed_before_every_step(shared_data, tmp_path, monkeypatch):
+    steps = []
+    original = CASS.forward
+
+    def checked_forward(self, images, progress):
+        stale = [n for n, p in self.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        steps.append(len(stale))
+        return original(self, images, progress)
+
+    monkeypatch.setattr(CASS, "forward", checked_forward)
+    pretrain(engine_cfg(shared_data, tmp_path / "run", epochs=1))
+    assert len(steps) == 4 and steps == [0] * 4, f"gradients left over from the previous step: {steps}"
+
+
+def test_run_directory_holds_checkpoint_config_metrics_and_diagnostics(shared_data, tmp_path):
+    run = pretrain(engine_cfg(shared_data, tmp_path / "run"))
+    for name in ("checkpoint.safetensors", "config.yaml", "metrics.csv", "cnn.safetensors", "vit.safetensors"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("loss", "cnn_output_std", "vit_output_std", "cnn_effective_rank", "vit_effective_rank",
+                    "epoch_time_s", "images_per_s", "peak_memory_mb"):
+            assert float(row[key]) >= 0, key
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) < 1e-3
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(engine_cfg(shared_data, tmp_path / "run"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(shared_data, tmp_path, monkeypatch):
+    reference = pretrain(engine_cfg(shared_data, tmp_path / "reference"))
+
+    calls = {"n": 0}
+    original = CASS.forward
+
+    def dies_in_epoch_two(self, images, progress):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second step of epoch 2 (4 steps per epoch)
+            raise KeyboardInterrupt
+        return original(self, images, progress)
+
+    monkeypatch.setattr(CASS, "forward", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(engine_cfg(shared_data, tmp_path / "interrupted"))
+    monkeypatch.setattr(CASS, "forward", original)
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "interrupted")] == [1]
+
+    resumed = pretrain(engine_cfg(shared_data, tmp_path / "interrupted"), resume=True)
+    expected, got = weights(reference), weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
+    assert [r["loss"] for r in read_metrics(reference)] == [r["loss"] for r in read_metrics(resumed)]
+
+
+def test_swa_averages_weights(shared_data, tmp_path):
+    run = pretrain(engine_cfg(shared_data, tmp_path / "swa", epochs=3, swa=True, swa_start=0.0))
+    plain = pretrain(engine_cfg(shared_data, tmp_path / "plain", epochs=3))
+    averaged, last = load_file(run / "cnn.safetensors"), load_file(plain / "cnn.safetensors")
+    assert any(not torch.equal(averaged[k], last[k]) for k in averaged if k.endswith("weight"))
+
+
+def test_cli_pretrain_then_resume_to_more_epochs(shared_data, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x"
+    args = ["pretrain", "--data", str(shared_data / "mini-cpu" / "imagefolder_mini.zip"), "--cnn", TINY_CNN,
+            "--vit", TINY_VIT, "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--out", str(out),
+            "--num-workers", "0", "--accelerator", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "output_std" in result.output and "effective_rank" in result.output
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == sorted(lrs, reverse=True)
+    assert "epochs: 3" in (out / "config.yaml").read_text()
+
+
+def test_cli_reports_bad_option_without_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "missing" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(shared_data, tmp_path):
+    """Same global batch (16) on 1 process and on 2 gloo processes of 8: same losses and weights."""
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"ddp{devices}"
+        cmd = [sys.executable, "-m", "cass.cli.main", "pretrain", "--data",
+               str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), "--cnn", TINY_CNN, "--vit", TINY_VIT,
+               "--img-size", "32", "--batch-size", "16", "--epochs", "2", "--out", str(out), "--num-workers", "0",
+               "--accelerator", "cpu", "--devices", str(devices)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[devices] = out
+    one, two = read_metrics(runs[1]), read_metrics(runs[2])
+    for a, b in zip(one, two, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4, abs=1e-5)
+    w1, w2 = weights(runs[1]), weights(runs[2])
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4, msg=key)
