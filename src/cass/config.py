@@ -111,6 +111,40 @@ class PretrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
 
 
+@dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning or probing of one network with a fraction of the labels (SPEC §1, §2)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    source: str = "scratch"
+    """``--from``: a pretraining run directory, ``imagenet``, ``scratch`` (the supervised baseline) or a weights file."""
+    arch: str = "cnn"
+    """Which network: ``cnn`` or ``vit`` (for a CASS run, which of its two networks)."""
+    cnn: str = "resnet50"
+    vit: str = "vit_base_patch16_384"
+    weights: str | None = None
+    """Local ImageNet weights when ``source`` is ``imagenet``."""
+    mode: str = "full"
+    """``full`` (end-to-end, the paper's protocol), ``linear`` (head on frozen features) or ``knn``."""
+    label_fraction: float = 1.0
+    seed: int = 0
+    epochs: int = 50
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    batch_size: int = 16
+    img_size: int | None = None
+    loss: str = "focal"
+    """``focal`` (sigmoid focal loss, alpha 1, gamma 2) or ``ce`` (cross-entropy; BCE for multi-label)."""
+    class_weights: str = "inverse"
+    """``inverse`` (inverse frequency, normalised), ``none``, or ``paper`` (the public code's: grows with frequency)."""
+    patience: int = 10
+    """Early stopping: epochs without a better validation macro-F1."""
+    knn_k: int = 20
+    out: str = "runs/finetune"
+    accelerator: str = "auto"
+    precision: str = "auto"
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a config (tuples become lists so YAML stays readable)."""
     return _plain(dataclasses.asdict(cfg))

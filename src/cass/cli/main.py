@@ -30,7 +30,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the input or the options: shown as one clear line, not a traceback."""
-    from cass.data.sources import BadImageError, DataError
+    from cass.data.images import BadImageError
+    from cass.data.sources import DataError
     from cass.models.factory import WeightsUnavailableError
     from cass.training.checkpoint import CheckpointError
     from cass.training.engine import NonFiniteLossError
@@ -109,6 +110,89 @@ def pretrain(
         cfg = merge(cfg, overrides)
     run_dir = run_pretrain(cfg, resume=resume is not None)
     typer.echo(f"run directory: {run_dir}")
+
+
+@app.command()
+@friendly_errors
+def finetune(
+    source: Annotated[str | None, Opt("--from", help="A pretraining run directory, imagenet, scratch (supervised baseline) or a weights file.")] = None,
+    arch: Annotated[str | None, Opt(help="cnn or vit: which network to fine-tune.")] = None,
+    data: Annotated[str | None, Opt(help="Labelled images with train/ and val/ splits (default: the shipped sample).")] = None,
+    val_data: Annotated[str | None, Opt(help="Validation images (default: the val/ split of --data).")] = None,
+    out: Annotated[str | None, Opt(help="Output model directory (default runs/finetune).")] = None,
+    config: Annotated[Path | None, Opt("--config", help="YAML file with any of these options.")] = None,
+    cnn: Annotated[str | None, Opt(help="timm CNN name when not fine-tuning a run.")] = None,
+    vit: Annotated[str | None, Opt(help="timm Transformer name when not fine-tuning a run.")] = None,
+    weights: Annotated[str | None, Opt(help="Local ImageNet weights file for --from imagenet.")] = None,
+    mode: Annotated[str | None, Opt(help="full (default), linear or knn.")] = None,
+    label_fraction: Annotated[float | None, Opt(help="Fraction of the train labels, e.g. 0.01, 0.1, 1.0.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the subset, init and augmentations.")] = None,
+    epochs: Annotated[int | None, Opt(help="Epochs (default 50, early stopping on validation macro-F1).")] = None,
+    img_size: Annotated[int | None, Opt(help="Input size (default: the pretraining run's).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Batch size (default 16).")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate (default 3e-4).")] = None,
+    loss: Annotated[str | None, Opt(help="focal (default) or ce.")] = None,
+    class_weights: Annotated[str | None, Opt(help="inverse (default), none, or paper.")] = None,
+    patience: Annotated[int | None, Opt(help="Early-stopping patience in epochs (default 10).")] = None,
+    num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
+    accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu.")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Fine-tune (or probe) one network with a fraction of the labels; writes a model directory."""
+    from cass.config import FinetuneConfig
+    from cass.evaluation.finetune import finetune as run_finetune
+
+    overrides = given(
+        source=source, arch=arch, data__data=data, data__val_data=val_data, out=out, cnn=cnn, vit=vit,
+        weights=weights, mode=mode, label_fraction=label_fraction, seed=seed, epochs=epochs, img_size=img_size,
+        batch_size=batch_size, lr=lr, loss=loss, class_weights=class_weights, patience=patience,
+        data__num_workers=num_workers, accelerator=accelerator,
+    )
+    cfg = merge(load_yaml(FinetuneConfig, config) if config else FinetuneConfig(), overrides)
+    run_finetune(cfg, resume=resume)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    model: Annotated[Path, Opt(help="A cass finetune output directory.")],
+    data: Annotated[str, Opt(help="Labelled images (folder per class, CSV, zip, npz).")],
+    out: Annotated[Path, Opt(help="Where metrics.json, per_class.csv and confusion_matrix.png go.")],
+    split: Annotated[str | None, Opt(help="train, val or test (default: test, else val, else everything).")] = None,
+) -> None:
+    """Metrics of a fine-tuned model on labelled images."""
+    from cass.evaluation.inference import evaluate as run_evaluate
+
+    result = run_evaluate(model, data, out, split)
+    keys = ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc")
+    typer.echo("  ".join(f"{k} {result[k]:.4f}" for k in keys if result.get(k) is not None))
+    typer.echo(f"written to {out}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    model: Annotated[Path, Opt(help="A cass finetune output directory.")],
+    input: Annotated[str, Opt("--input", help="An image, a folder, a CSV or a zip of images.")],
+    out: Annotated[Path, Opt(help="Output CSV: path, pred, one probability column per class.")],
+) -> None:
+    """Predict classes for new images."""
+    from cass.evaluation.inference import predict as run_predict
+
+    typer.echo(f"predictions written to {run_predict(model, input, out)}")
+
+
+@app.command()
+@friendly_errors
+def embed(
+    model: Annotated[Path, Opt(help="A cass finetune output directory.")],
+    input: Annotated[str, Opt("--input", help="An image, a folder, a CSV or a zip of images.")],
+    out: Annotated[Path, Opt(help="Output directory for features.npy and files.csv.")],
+) -> None:
+    """Backbone features of images, for your own analyses."""
+    from cass.evaluation.inference import embed as run_embed
+
+    typer.echo(f"features written to {run_embed(model, input, out)}")
 
 
 @app.command()

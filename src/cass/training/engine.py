@@ -60,22 +60,22 @@ class TrainState:
     step: int = 0
 
 
-def resolve_precision(cfg: PretrainConfig, accelerator: str) -> str:
+def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto`` means bf16 autocast on a GPU and fp32 elsewhere."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16-mixed" if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()) else "32-true"
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
 
 
-def make_fabric(cfg: PretrainConfig, run_dir: Path) -> Fabric:
-    """A launched Fabric for the config's devices, nodes and precision."""
-    strategy = "ddp" if cfg.devices * cfg.num_nodes > 1 else "auto"
+def make_fabric(run_dir: Path, accelerator: str, precision: str, devices: int = 1, num_nodes: int = 1) -> Fabric:
+    """A launched Fabric (DDP when several processes), logging to TensorBoard in the run directory."""
     fabric = Fabric(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=strategy,
-        precision=resolve_precision(cfg, cfg.accelerator),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        precision=resolve_precision(precision, accelerator),
         loggers=[TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")],
     )
     fabric.launch()
@@ -195,7 +195,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there yet (the first epoch never finished)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    fabric = make_fabric(cfg, run_dir)
+    fabric = make_fabric(run_dir, cfg.accelerator, cfg.precision, cfg.devices, cfg.num_nodes)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
     splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
@@ -221,7 +221,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     fabric_optimizers = fabric.setup_optimizers(*optimizers)
     if not isinstance(fabric_optimizers, (list, tuple)):
         fabric_optimizers = [fabric_optimizers]
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    # Not fabric.setup_dataloaders: its wrapper calls sampler.set_epoch with its own counter, which
+    # restarts at 0 after a resume and would replay the first epoch's order.
     metrics = MetricsFile(run_dir / METRICS, state.epoch) if fabric.is_global_zero else None
     monitor = CollapseMonitor(cfg.diagnostics_samples)
 
@@ -235,6 +236,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero, leave=False,
                    file=sys.stdout, dynamic_ncols=True)
         for i, (views, _targets, _index) in enumerate(bar):
+            views = fabric.to_device(views)
             progress = Progress(epoch=epoch, step=state.step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
             for opt in fabric_optimizers:
                 opt.zero_grad(set_to_none=True)

@@ -1,0 +1,288 @@
+"""Fine-tuning and probing with a fraction of the labels (SPEC §1 downstream, §2).
+
+Three modes share data, subsets and metrics: ``full`` (the paper's protocol: a new linear head, the
+whole network trained with Adam 3e-4 and cosine decay to 1e-6, early stopping on validation macro-F1,
+best model kept), ``linear`` (only the head is trained, the backbone frozen) and ``knn`` (cosine k-NN
+on frozen features, no training). ``source=scratch`` is the supervised baseline.
+
+A finished run directory is a *model directory*: ``model.safetensors`` (timm weights whose metadata
+name the network, classes and input size), ``metrics.json`` (best validation metrics), ``history.csv``,
+``subset.csv`` (the labelled files used) and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from sklearn.neighbors import KNeighborsClassifier
+from torch.optim import Adam
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+import cass
+from cass.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, save_yaml
+from cass.data.dataset import ImageDataset, ImageSet
+from cass.data.sources import DataError, load_splits
+from cass.data.transforms import cass_augmentation, eval_transform
+from cass.evaluation.losses import class_weights, create_loss
+from cass.evaluation.metrics import ClassificationMetrics
+from cass.evaluation.subsets import label_fraction_indices, save_subset
+from cass.models.factory import Network, create_network
+from cass.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from cass.training.engine import CONFIG, MetricsFile, make_fabric
+from cass.training.schedules import cosine_lambda
+
+MODEL = "model.safetensors"
+KNN_BANK = "knn_bank.safetensors"
+STATE = "checkpoint.safetensors"
+MODES = ("full", "linear", "knn")
+
+
+@dataclass
+class Backbone:
+    """Which timm network to build, from what, at which size."""
+
+    name: str
+    init: str
+    weights: str | None
+    img_size: int | None
+    role: str
+
+
+def resolve_backbone(cfg: FinetuneConfig) -> Backbone:
+    """Read a pretraining run's config so the right network of the right method is fine-tuned."""
+    if cfg.arch not in ("cnn", "vit"):
+        raise ConfigError(f"--arch must be cnn or vit, got {cfg.arch!r}")
+    source = Path(cfg.source)
+    if cfg.source not in ("scratch", "imagenet") and source.is_dir():
+        run_cfg = source / CONFIG
+        if not run_cfg.is_file():
+            raise ConfigError(f"--from {source}: not a pretraining run directory (no {CONFIG})")
+        pre = load_yaml(PretrainConfig, run_cfg)
+        if pre.method != "cass" and pre.arch != cfg.arch:
+            raise ConfigError(f"--from {source} is a {pre.method} run of its {pre.arch}; use --arch {pre.arch}")
+        name = pre.cnn if cfg.arch == "cnn" else pre.vit
+        return Backbone(name, str(source), None, cfg.img_size or pre.img_size, cfg.arch)
+    name = cfg.cnn if cfg.arch == "cnn" else cfg.vit
+    return Backbone(name, cfg.source, cfg.weights, cfg.img_size, cfg.arch)
+
+
+def build_classifier(backbone: Backbone, num_classes: int) -> Network:
+    """The pretrained network with its head replaced by a fresh linear layer to the classes."""
+    net = create_network(backbone.name, init=backbone.init, weights=backbone.weights,
+                         num_outputs=num_classes, img_size=backbone.img_size, role=backbone.role)
+    net.reset_head(num_classes)
+    return net
+
+
+def _require_labels(images: ImageSet, what: str) -> None:
+    if images.targets is None:
+        raise DataError(f"{images.source}: the {what} images have no labels (use one sub-folder per class or a CSV)")
+
+
+def _loader(images: ImageSet, transform: Any, batch_size: int, seed: int, train: bool, workers: int) -> DataLoader:
+    """Training order depends only on (seed, epoch) (``sampler.set_epoch``), so a resumed run replays it."""
+    dataset = ImageDataset(images, transform, seed=seed)
+    batch = min(batch_size, len(images))
+    # A final batch of one image breaks BatchNorm in training: drop the remainder when training.
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train, seed=seed, drop_last=False)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train, num_workers=workers)
+
+
+def _model_info(cfg: FinetuneConfig, backbone: Backbone, net: Network, images: ImageSet) -> dict[str, str]:
+    return {
+        "timm_name": backbone.name,
+        "arch": backbone.role,
+        "classes": json.dumps(images.classes),
+        "multilabel": json.dumps(images.multilabel),
+        "img_size": str(net.input_size),
+        "mode": cfg.mode,
+        "cass_version": cass.__version__,
+    }
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
+    """Fine-tune or probe one network on ``cfg.label_fraction`` of the train labels; returns the model dir."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    out = Path(cfg.out)
+    if (out / MODEL).exists() and not resume and not (out / STATE).exists():
+        raise ConfigError(f"{out} already holds a fine-tuned model; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    fabric = make_fabric(out, cfg.accelerator, cfg.precision)
+    fabric.seed_everything(cfg.seed, verbose=False)
+
+    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
+    train = splits.train.check(skip_bad=cfg.data.skip_bad_images)
+    if splits.val is None:
+        raise ConfigError("fine-tuning needs validation images: give --val-data, or --data with a val/ split")
+    val = splits.val.check(skip_bad=cfg.data.skip_bad_images)
+    _require_labels(train, "train")
+    _require_labels(val, "validation")
+    chosen = label_fraction_indices(train.targets, cfg.label_fraction, cfg.seed)
+    save_subset(out / "subset.csv", train.keys, chosen)
+    labelled = train.subset(chosen)
+
+    backbone = resolve_backbone(cfg)
+    net = build_classifier(backbone, len(train.classes))
+    save_yaml(cfg, out / CONFIG)
+    info = _model_info(cfg, backbone, net, train)
+    fabric.print(f"{cfg.mode} {backbone.role} {backbone.name} from {backbone.init}: {len(labelled)} labelled images "
+                 f"({cfg.label_fraction:.0%}), {len(val)} validation images, {net.input_size} px")
+    if cfg.mode == "knn":
+        metrics = _knn(cfg, fabric, net, labelled, val, out, info)
+    else:
+        metrics = _train(cfg, fabric, net, labelled, val, out, info, resume)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    fabric.print(f"validation macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics.get('epoch', '-')}); "
+                 f"model directory: {out}")
+    return out
+
+
+def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
+           info: dict[str, str], resume: bool) -> dict[str, Any]:
+    """The training loop of ``full`` and ``linear``, with early stopping on validation macro-F1."""
+    if cfg.mode == "linear":
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in net.model.get_classifier().parameters():
+            p.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    train_loader = _loader(labelled, cass_augmentation(net.input_size), cfg.batch_size, cfg.seed, True, cfg.data.num_workers)
+    val_loader = _loader(val, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, cfg.data.num_workers)
+    total_steps = cfg.epochs * len(train_loader)
+    optimizer = Adam(params, lr=cfg.lr)
+    scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
+    weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
+    loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)
+    metrics = ClassificationMetrics(labelled.classes, labelled.multilabel)
+
+    progress = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0}
+    best: dict[str, Any] = {}
+    if resume and (out / STATE).exists():
+        saved, _ = load_checkpoint(out / STATE)
+        net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress, best = saved["progress"], json.loads(saved["best"])
+    net, optimizer = fabric.setup(net, optimizer)
+    loss_fn, metrics = loss_fn.to(fabric.device), metrics.to(fabric.device)
+    history = MetricsFile(out / "history.csv", progress["epoch"])
+
+    for epoch in range(progress["epoch"], cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.dataset.set_epoch(epoch)
+        net.train()
+        if cfg.mode == "linear":
+            net.eval()  # frozen BatchNorm statistics too
+        start = time.perf_counter()
+        train_loss = torch.zeros((), device=fabric.device)
+        for images, targets, _ in tqdm(train_loader, desc=f"fine-tune {epoch + 1}/{cfg.epochs}", leave=False):
+            images, targets = fabric.to_device((images, targets))
+            optimizer.zero_grad(set_to_none=True)
+            _, logits = net(images)
+            loss = loss_fn(logits, targets)
+            fabric.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            train_loss += loss.detach()
+        val_loss, scores = _validate(net, val_loader, loss_fn, metrics, fabric.device)
+        mean_train = float(train_loss) / len(train_loader)
+        if not math.isfinite(mean_train):
+            raise FloatingPointError(f"fine-tuning loss became {mean_train} in epoch {epoch + 1}; lower --lr")
+        progress["epoch"] = epoch + 1
+        improved = scores["macro_f1"] > progress["best_f1"]
+        if improved:
+            progress.update(best_f1=scores["macro_f1"], best_epoch=epoch + 1, stale=0)
+            best = {**scores, "epoch": epoch + 1, "val_loss": val_loss}
+            save_weights(out / MODEL, net.model.state_dict(), info)
+        else:
+            progress["stale"] += 1
+        history.append({"epoch": epoch + 1, "train_loss": mean_train, "val_loss": val_loss,
+                        "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.perf_counter() - start,
+                        **{k: scores[k] for k in ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc")
+                           if k in scores}})
+        fabric.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {mean_train:.4f}  val loss {val_loss:.4f}  "
+                     f"val macro-F1 {scores['macro_f1']:.4f}{'  (best)' if improved else ''}")
+        stop = progress["stale"] >= cfg.patience
+        save_checkpoint(out / STATE, {"net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "progress": progress,
+                                      "best": json.dumps(best)}, {"config": (out / CONFIG).read_text()})
+        if stop:
+            fabric.print(f"early stop: no better validation macro-F1 for {cfg.patience} epochs")
+            break
+    return best
+
+
+@torch.no_grad()
+def _validate(net: Any, loader: DataLoader, loss_fn: Any, metrics: ClassificationMetrics,
+              device: torch.device) -> tuple[float, dict[str, Any]]:
+    """Validation loss averaged over validation images (not over the training loader) and metrics."""
+    net.eval()
+    total, count = 0.0, 0
+    for images, targets, _ in loader:
+        images, targets = images.to(device), targets.to(device)
+        _, logits = net(images)
+        total += float(loss_fn(logits.float(), targets)) * len(targets)
+        count += len(targets)
+        metrics.update(logits.float(), targets)
+    return total / count, metrics.compute()
+
+
+@torch.no_grad()
+def extract_features(net: Network, images: ImageSet, img_size: int, batch_size: int, device: torch.device,
+                     workers: int = 0) -> np.ndarray:
+    """Pooled backbone features of every image, without augmentation."""
+    net.eval().to(device)
+    loader = _loader(images, eval_transform(img_size), batch_size, 0, False, workers)
+    chunks = [net.features(x.to(device)).float().cpu() for x, _, _ in tqdm(loader, desc="features", leave=False)]
+    return torch.cat(chunks).numpy()
+
+
+def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
+         info: dict[str, str]) -> dict[str, Any]:
+    """Cosine k-NN on frozen features (scikit-learn); the bank is saved so the model can predict."""
+    if labelled.multilabel:
+        raise ConfigError("--mode knn supports single-label classes only; use --mode linear for multi-label data")
+    bank = extract_features(net, labelled, net.input_size, cfg.batch_size, fabric.device, cfg.data.num_workers)
+    save_weights(out / MODEL, net.model.state_dict(), info)
+    save_weights(out / KNN_BANK, {"features": torch.from_numpy(bank), "targets": torch.from_numpy(labelled.targets)},
+                 {"k": str(cfg.knn_k)})
+    knn = fit_knn(bank, labelled.targets, cfg.knn_k)
+    scores = knn_logits(knn, extract_features(net, val, net.input_size, cfg.batch_size, fabric.device), len(val.classes))
+    metrics = ClassificationMetrics(val.classes, multilabel=False)
+    metrics.update(scores, torch.as_tensor(val.targets))
+    return metrics.compute()
+
+
+def fit_knn(features: np.ndarray, targets: np.ndarray, k: int) -> KNeighborsClassifier:
+    """Distance-weighted cosine k-NN (k capped by the bank size)."""
+    return KNeighborsClassifier(n_neighbors=min(k, len(features)), metric="cosine", weights="distance").fit(
+        features, targets)
+
+
+def knn_logits(knn: KNeighborsClassifier, features: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Class log-probabilities over all classes (classes absent from the bank get -inf-like scores)."""
+    proba = np.zeros((len(features), num_classes))
+    proba[:, knn.classes_] = knn.predict_proba(features)
+    return torch.from_numpy(np.log(np.clip(proba, 1e-8, 1.0))).float()
+
+
+def read_model_info(model_dir: str | Path) -> dict[str, Any]:
+    """The metadata of a model directory's weights: timm name, classes, multi-label flag, input size."""
+    path = Path(model_dir) / MODEL
+    if not path.is_file():
+        raise ConfigError(f"--model {model_dir}: no {MODEL} there (is it a cass finetune output directory?)")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return {"timm_name": meta["timm_name"], "arch": meta["arch"], "classes": json.loads(meta["classes"]),
+            "multilabel": json.loads(meta["multilabel"]), "img_size": int(meta["img_size"]), "mode": meta["mode"]}

@@ -1,0 +1,147 @@
+"""Using a fine-tuned model directory: ``evaluate`` (metrics on labelled images), ``predict``
+(a CSV of classes and probabilities) and ``embed`` (backbone features as ``.npy``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from cass.config import ConfigError
+from cass.data.dataset import ImageSet
+from cass.data.sources import load_splits, open_images
+from cass.evaluation.finetune import KNN_BANK, MODEL, extract_features, fit_knn, knn_logits, read_model_info
+from cass.evaluation.metrics import ClassificationMetrics
+from cass.models.factory import Network, create_network
+from cass.reporting.plots import plot_confusion_matrix
+from cass.training.checkpoint import atomic_write_text
+
+
+@dataclass
+class Classifier:
+    """A fine-tuned network with what it needs to predict: classes, input size, k-NN bank."""
+
+    net: Network
+    classes: list[str]
+    multilabel: bool
+    img_size: int
+    knn_bank: dict[str, torch.Tensor] | None
+    device: torch.device
+
+    @torch.no_grad()
+    def logits(self, images: ImageSet, batch_size: int = 64) -> torch.Tensor:
+        """Scores (N, C) for every image: head logits, or k-NN log-probabilities."""
+        feats = torch.from_numpy(extract_features(self.net, images, self.img_size, batch_size, self.device))
+        if self.knn_bank is not None:
+            k = self.knn_bank.get("k", 20)
+            knn = fit_knn(self.knn_bank["features"].numpy(), self.knn_bank["targets"].numpy(), int(k))
+            return knn_logits(knn, feats.numpy(), len(self.classes))
+        return self.net.model.get_classifier()(feats.to(self.device)).float().cpu()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+
+def load_classifier(model_dir: str | Path, device: str | torch.device | None = None) -> Classifier:
+    """Load a ``cass finetune`` output directory (weights are safetensors; no pickle is read)."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    knn = info["mode"] == "knn"
+    num_outputs = 0 if knn else len(info["classes"])
+    net = create_network(info["timm_name"], num_outputs=num_outputs, img_size=info["img_size"])
+    net.model.load_state_dict(load_file(model_dir / MODEL), strict=not knn)
+    bank = None
+    if knn:
+        bank = load_file(model_dir / KNN_BANK)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], bank, device)
+
+
+def _labelled_split(data: str | Path, split: str | None) -> ImageSet:
+    """The images to evaluate: ``split`` when given, else test, else val, else the whole source."""
+    if split is not None:
+        return open_images(data, split=split)
+    splits = load_splits(data)
+    return splits.test or splits.val or splits.train
+
+
+def _align_targets(images: ImageSet, classifier: Classifier) -> torch.Tensor:
+    """Targets re-indexed to the model's classes; a class the model does not know is an error."""
+    if images.targets is None:
+        raise ConfigError(f"{images.source}: these images have no labels; use `cass predict` for unlabelled images")
+    unknown = sorted(set(images.classes) - set(classifier.classes))
+    if unknown or images.multilabel != classifier.multilabel:
+        raise ConfigError(
+            f"{images.source}: class set does not match the model: data classes {images.classes}, model classes "
+            f"{classifier.classes}" + (f" (unknown to the model: {unknown})" if unknown else "")
+        )
+    position = [classifier.classes.index(c) for c in images.classes]
+    if images.multilabel:
+        aligned = np.zeros((len(images), len(classifier.classes)), dtype=np.float32)
+        aligned[:, position] = images.targets
+        return torch.from_numpy(aligned)
+    return torch.as_tensor(np.asarray(position)[images.targets])
+
+
+def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None) -> dict[str, Any]:
+    """Metrics of a fine-tuned model on labelled images: ``metrics.json``, ``per_class.csv``, confusion PNG."""
+    classifier = load_classifier(model_dir)
+    images = _labelled_split(data, split).check()
+    targets = _align_targets(images, classifier)
+    metrics = ClassificationMetrics(classifier.classes, classifier.multilabel)
+    metrics.update(classifier.logits(images), targets)
+    result = metrics.compute()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "per_class.csv", _per_class_csv(result["per_class"]))
+    if not classifier.multilabel:
+        plot_confusion_matrix(np.asarray(result["confusion_matrix"]), classifier.classes, out / "confusion_matrix.png")
+    return result
+
+
+def _per_class_csv(per_class: dict[str, dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    columns = list(next(iter(per_class.values())).keys())
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", *columns])
+    for name, values in per_class.items():
+        writer.writerow([name, *(values[c] for c in columns)])
+    return buffer.getvalue()
+
+
+def predict(model_dir: str | Path, input_path: str | Path, out_csv: str | Path) -> Path:
+    """One row per image: ``path``, ``pred`` (class name; ``;``-joined labels when multi-label), probabilities."""
+    classifier = load_classifier(model_dir)
+    images = open_images(input_path).check()
+    probs = classifier.probabilities(classifier.logits(images)).numpy()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "pred", *classifier.classes])
+    for key, row in zip(images.keys, probs, strict=True):
+        if classifier.multilabel:
+            pred = ";".join(c for c, p in zip(classifier.classes, row) if p >= 0.5)
+        else:
+            pred = classifier.classes[int(row.argmax())]
+        writer.writerow([key, pred, *(f"{p:.6f}" for p in row)])
+    atomic_write_text(Path(out_csv), buffer.getvalue())
+    return Path(out_csv)
+
+
+def embed(model_dir: str | Path, input_path: str | Path, out: str | Path) -> Path:
+    """Backbone features of every image: ``features.npy`` (N, D) and ``files.csv`` (row order)."""
+    classifier = load_classifier(model_dir)
+    images = open_images(input_path).check()
+    features = extract_features(classifier.net, images, classifier.img_size, 64, classifier.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "features.npy", features)
+    atomic_write_text(out / "files.csv", "path\n" + "".join(f"{k}\n" for k in images.keys))
+    return out

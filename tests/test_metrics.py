@@ -1,0 +1,154 @@
+"""Epoch metrics: every number equal to scikit-learn's, state cleared between epochs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit, softmax
+from sklearn import metrics as skm
+
+from cass.evaluation.metrics import ClassificationMetrics, compute_metrics
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def approx(value):
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def multiclass_batch(seed: int, n: int = 200, scale: float = 2.0, num_classes: int = 4):
+    """Random logits and class targets. With scale < 1 every logit lies in [0, 1), where torchmetrics
+    would take raw logits for probabilities unless they are converted first."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 4, generator=gen, dtype=torch.float64) * scale
+    if scale < 1:
+        logits = logits.abs().clamp(max=0.999)
+    return logits, torch.randint(0, num_classes, (n,), generator=gen)
+
+
+def multilabel_batch(seed: int, n: int = 200, scale: float = 2.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 4, generator=gen, dtype=torch.float64) * scale
+    if scale < 1:
+        logits = logits.abs().clamp(max=0.999)
+    return logits, torch.randint(0, 2, (n, 4), generator=gen)
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_multiclass_metrics_equal_scikit_learn(scale):
+    logits, targets = multiclass_batch(0, scale=scale)
+    got = compute_metrics(logits, targets, CLASSES)
+    y, probs = targets.numpy(), softmax(logits.numpy(), axis=1)
+    pred = probs.argmax(axis=1)
+    assert got["macro_f1"] == approx(skm.f1_score(y, pred, average="macro"))
+    assert got["micro_f1"] == approx(skm.f1_score(y, pred, average="micro"))
+    assert got["macro_recall"] == approx(skm.recall_score(y, pred, average="macro"))
+    assert got["balanced_accuracy"] == approx(skm.balanced_accuracy_score(y, pred))
+    assert got["accuracy"] == approx(skm.accuracy_score(y, pred))
+    assert got["auroc"] == approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, average=None)
+    for i, name in enumerate(CLASSES):
+        row = got["per_class"][name]
+        assert row["precision"] == approx(precision[i])
+        assert row["recall"] == approx(recall[i])
+        assert row["f1"] == approx(f1[i])
+        assert row["support"] == support[i]
+        assert row["auroc"] == approx(skm.roc_auc_score(y == i, probs[:, i]))
+    assert got["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    assert got["num_samples"] == len(y) and got["classes"] == CLASSES
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_multilabel_metrics_equal_scikit_learn(scale):
+    logits, targets = multilabel_batch(1, scale=scale)
+    got = compute_metrics(logits, targets, CLASSES, multilabel=True)
+    y, probs = targets.numpy(), expit(logits.numpy())
+    pred = (probs > 0.5).astype(int)
+    assert got["macro_f1"] == approx(skm.f1_score(y, pred, average="macro"))
+    assert got["micro_f1"] == approx(skm.f1_score(y, pred, average="micro"))
+    assert got["macro_recall"] == approx(skm.recall_score(y, pred, average="macro"))
+    assert got["map"] == approx(skm.average_precision_score(y, probs, average="macro"))
+    assert got["auroc"] == approx(skm.roc_auc_score(y, probs, average="macro"))
+    per_label_balanced = [skm.balanced_accuracy_score(y[:, i], pred[:, i]) for i in range(4)]
+    assert got["balanced_accuracy"] == approx(np.mean(per_label_balanced))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, average=None)
+    for i, name in enumerate(CLASSES):
+        row = got["per_class"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == (approx(precision[i]), approx(recall[i]), approx(f1[i]))
+        assert row["support"] == support[i]
+        assert row["average_precision"] == approx(skm.average_precision_score(y[:, i], probs[:, i]))
+        assert row["auroc"] == approx(skm.roc_auc_score(y[:, i], probs[:, i]))
+    assert got["confusion_matrix"] == skm.multilabel_confusion_matrix(y, pred).tolist()
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_class_absent_from_a_small_validation_set_does_not_break_auroc():
+    logits, targets = multiclass_batch(2, n=40, num_classes=3)  # "pituitary" never occurs
+    got = compute_metrics(logits, targets, CLASSES)
+    y, probs = targets.numpy(), softmax(logits.numpy(), axis=1)
+    pred = probs.argmax(axis=1)
+    assert got["per_class"]["pituitary"]["auroc"] is None
+    present_auroc = [skm.roc_auc_score(y == i, probs[:, i]) for i in range(3)]
+    assert got["auroc"] == approx(np.mean(present_auroc))
+    assert 3 in pred, "the absent class is predicted, so macro recall and balanced accuracy differ"
+    assert got["balanced_accuracy"] == approx(skm.balanced_accuracy_score(y, pred))
+    assert got["macro_recall"] == approx(skm.recall_score(y, pred, average="macro"))
+    assert got["macro_f1"] == approx(skm.f1_score(y, pred, average="macro"))
+    json.dumps(got, allow_nan=False)
+
+
+def test_label_without_positives_is_left_out_of_map_and_auroc():
+    logits, targets = multilabel_batch(3, n=30)
+    targets[:, 2] = 0
+    got = compute_metrics(logits, targets, CLASSES, multilabel=True)
+    y, probs = targets.numpy(), expit(logits.numpy())
+    kept = [0, 1, 3]
+    assert got["per_class"]["notumor"]["auroc"] is None
+    assert got["per_class"]["notumor"]["average_precision"] is None
+    assert got["map"] == approx(skm.average_precision_score(y[:, kept], probs[:, kept], average="macro"))
+    assert got["auroc"] == approx(skm.roc_auc_score(y[:, kept], probs[:, kept], average="macro"))
+    json.dumps(got, allow_nan=False)
+
+
+def test_batches_accumulate_and_compute_resets_between_epochs():
+    metrics = ClassificationMetrics(CLASSES)
+    # Epoch 1: perfect predictions, so any leak into epoch 2 would raise its scores.
+    _, targets1 = multiclass_batch(4)
+    metrics.update(torch.nn.functional.one_hot(targets1, 4).double() * 10, targets1)
+    assert metrics.compute()["macro_f1"] == 1.0
+    logits, targets = multiclass_batch(5)
+    for start in range(0, 200, 64):
+        metrics.update(logits[start : start + 64], targets[start : start + 64])
+    epoch2 = metrics.compute()
+    assert epoch2 == compute_metrics(logits, targets, CLASSES)
+    assert epoch2["num_samples"] == 200 and epoch2["macro_f1"] < 0.5
+    with pytest.raises(RuntimeError, match="no predictions"):
+        metrics.compute()
+
+
+def test_explicit_reset_discards_a_partial_epoch():
+    metrics = ClassificationMetrics(CLASSES, multilabel=True)
+    metrics.update(*multilabel_batch(6))
+    metrics.reset()
+    logits, targets = multilabel_batch(7)
+    metrics.update(logits, targets)
+    assert metrics.compute() == compute_metrics(logits, targets, CLASSES, multilabel=True)
+
+
+def test_result_is_strict_json():
+    result = compute_metrics(*multiclass_batch(8), CLASSES)
+    assert json.loads(json.dumps(result, allow_nan=False)) == result
+
+
+def test_shape_mismatches_name_the_classes():
+    metrics = ClassificationMetrics(CLASSES)
+    with pytest.raises(ValueError, match="glioma"):
+        metrics.update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets have shape"):
+        metrics.update(torch.randn(4, 4), torch.zeros(4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        ClassificationMetrics(CLASSES, multilabel=True).update(torch.randn(2, 4), torch.full((2, 4), 2))
