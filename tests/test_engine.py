@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cass.cli.main import app
-from cass.config import ConfigError, DataConfig, PretrainConfig
+from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig
+from cass.methods import METHODS
 from cass.methods.cass import CASS
 from cass.training.engine import pretrain
 from conftest import TINY_CNN, TINY_VIT
@@ -29,13 +30,26 @@ def engine_cfg(shared_data: Path, out: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**values)
 
 
+SMALL_DINO = DinoConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32, n_local_crops=2, warmup_epochs=1)
+METHOD_CASES = {
+    "cass": {},
+    "dino-vit": {"method": "dino", "arch": "vit", "dino": SMALL_DINO},
+    "dino-cnn": {"method": "dino", "arch": "cnn", "dino": SMALL_DINO},
+}
+
+
+def test_every_registered_method_has_an_engine_case():
+    assert {case.get("method", "cass") for case in METHOD_CASES.values()} == set(METHODS)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return {f"{role}.{k}": v for role in ("cnn", "vit") for k, v in load_file(run_dir / f"{role}.safetensors").items()}
+    return {f"{p.stem}.{k}": v for p in sorted(run_dir.glob("*.safetensors")) if p.stem != "checkpoint"
+            for k, v in load_file(p).items()}
 
 
 def test_gradients_are_zeroed_before_every_step(shared_data, tmp_path, monkeypatch):
@@ -68,11 +82,13 @@ def test_run_directory_holds_checkpoint_config_metrics_and_diagnostics(shared_da
         pretrain(engine_cfg(shared_data, tmp_path / "run"))
 
 
-def test_interrupted_run_resumes_to_the_same_weights(shared_data, tmp_path, monkeypatch):
-    reference = pretrain(engine_cfg(shared_data, tmp_path / "reference"))
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_interrupted_run_resumes_to_the_same_weights(shared_data, tmp_path, monkeypatch, case):
+    reference = pretrain(engine_cfg(shared_data, tmp_path / "reference", **METHOD_CASES[case]))
+    method_cls = METHODS[METHOD_CASES[case].get("method", "cass")]
 
     calls = {"n": 0}
-    original = CASS.forward
+    original = method_cls.forward
 
     def dies_in_epoch_two(self, images, progress):
         calls["n"] += 1
@@ -80,15 +96,15 @@ def test_interrupted_run_resumes_to_the_same_weights(shared_data, tmp_path, monk
             raise KeyboardInterrupt
         return original(self, images, progress)
 
-    monkeypatch.setattr(CASS, "forward", dies_in_epoch_two)
+    monkeypatch.setattr(method_cls, "forward", dies_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(engine_cfg(shared_data, tmp_path / "interrupted"))
-    monkeypatch.setattr(CASS, "forward", original)
+        pretrain(engine_cfg(shared_data, tmp_path / "interrupted", **METHOD_CASES[case]))
+    monkeypatch.setattr(method_cls, "forward", original)
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "interrupted")] == [1]
 
-    resumed = pretrain(engine_cfg(shared_data, tmp_path / "interrupted"), resume=True)
+    resumed = pretrain(engine_cfg(shared_data, tmp_path / "interrupted", **METHOD_CASES[case]), resume=True)
     expected, got = weights(reference), weights(resumed)
-    assert expected.keys() == got.keys()
+    assert expected.keys() == got.keys() and expected
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
     assert [r["loss"] for r in read_metrics(reference)] == [r["loss"] for r in read_metrics(resumed)]
 
@@ -126,12 +142,16 @@ def test_cli_reports_bad_option_without_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(shared_data, tmp_path):
-    """Same global batch (16) on 1 process and on 2 gloo processes of 8: same losses and weights."""
+    """Same global batch (16) on 1 process and on 2 gloo processes of 8: same losses and weights.
+
+    The CNN is a ConvNeXt (LayerNorm): BatchNorm statistics depend on the per-process batch on CPU,
+    where PyTorch has no SyncBatchNorm.
+    """
     runs = {}
     for devices in (1, 2):
         out = tmp_path / f"ddp{devices}"
         cmd = [sys.executable, "-m", "cass.cli.main", "pretrain", "--data",
-               str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), "--cnn", TINY_CNN, "--vit", TINY_VIT,
+               str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), "--cnn", "convnext_atto", "--vit", TINY_VIT,
                "--img-size", "32", "--batch-size", "16", "--epochs", "2", "--out", str(out), "--num-workers", "0",
                "--accelerator", "cpu", "--devices", str(devices)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -144,3 +164,37 @@ def test_ddp_two_cpu_processes_match_one_process(shared_data, tmp_path):
     w1, w2 = weights(runs[1]), weights(runs[2])
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def _nan_at_call(monkeypatch, call: int) -> None:
+    original = CASS.forward
+    calls = {"n": 0}
+
+    def forward(self, images, progress):
+        calls["n"] += 1
+        out = original(self, images, progress)
+        if calls["n"] == call:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(CASS, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shared_data, tmp_path, monkeypatch):
+    from cass.training.checkpoint import load_checkpoint
+    from cass.training.engine import NonFiniteLossError
+
+    _nan_at_call(monkeypatch, 6)  # in epoch 2
+    with pytest.raises(NonFiniteLossError, match="last good epoch"):
+        pretrain(engine_cfg(shared_data, tmp_path / "run"))
+    saved, _ = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert saved["train"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["method"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(shared_data, tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, 2)
+    run = pretrain(engine_cfg(shared_data, tmp_path / "run", epochs=1, on_nonfinite_loss="skip"))
+    row = read_metrics(run)[0]
+    assert int(row["skipped_steps"]) == 1 and float(row["loss"]) == float(row["loss"])  # finite, not NaN
+    assert all(torch.isfinite(v).all() for v in weights(run).values())

@@ -145,3 +145,18 @@ def test_cli_evaluate_predict_embed_on_unseen_folder_and_class_mismatch(brain_fo
 def test_finetune_refuses_unlabelled_data_and_missing_validation(brain_folder, tmp_path):
     with pytest.raises(ConfigError, match="validation"):
         finetune(ft_cfg(brain_folder / "train", tmp_path / "m"))
+
+
+def test_dino_checkpoint_finetunes_through_the_cli(brain_folder, tmp_path):
+    from cass.config import DinoConfig
+
+    run = pretrain(PretrainConfig(
+        method="dino", arch="vit", data=DataConfig(data=str(brain_folder), num_workers=0), vit=TINY_VIT, img_size=32,
+        batch_size=16, epochs=1, out=str(tmp_path / "dino"), accelerator="cpu",
+        dino=DinoConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32, n_local_crops=2)))
+    assert (run / "vit.safetensors").is_file() and not (run / "cnn.safetensors").exists()
+    result = CliRunner().invoke(app, ["finetune", "--from", str(run), "--arch", "cnn", "--data", str(brain_folder),
+                                      "--out", str(tmp_path / "bad"), "--epochs", "1", "--accelerator", "cpu"])
+    assert result.exit_code == 2 and "--arch vit" in result.output
+    model_dir = finetune(ft_cfg(brain_folder, tmp_path / "ft", source=str(run), arch="vit", epochs=1))
+    assert json.loads((model_dir / "metrics.json").read_text())["macro_f1"] >= 0

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cass.data.images import DEFAULT_MAX_PIXELS
+
 T = TypeVar("T")
 
 
@@ -33,7 +35,7 @@ class DataConfig:
     num_workers: int = 2
     skip_bad_images: bool = False
     """Skip unreadable images (counted and reported) instead of stopping with an error."""
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Refuse images larger than this many pixels (decompression bombs)."""
 
 
@@ -51,6 +53,8 @@ class CassConfig:
 class DinoConfig:
     """Options of the DINO baseline (Caron et al. 2021, standard recipe)."""
 
+    base_lr: float = 5e-4
+    """Learning rate per 256 images (DINO's linear scaling); ``lr`` is CASS's and is not used by DINO."""
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -104,6 +108,8 @@ class PretrainConfig:
     accelerator: str = "auto"
     precision: str = "auto"
     """``auto`` = bf16 autocast on GPU, fp32 on CPU; or any Lightning precision string."""
+    on_nonfinite_loss: str = "stop"
+    """``stop`` (keep the last good checkpoint and exit with a message) or ``skip`` (drop that step, count it)."""
     collapse_threshold: float = 0.1
     """Warn when the output std (1 = healthy, 0 = collapsed) falls below this."""
     diagnostics_samples: int = 512

@@ -54,7 +54,8 @@ class PretrainMethod(nn.Module):
     """
 
     name: ClassVar[str]
-    views_per_image: ClassVar[int] = 1
+    views_per_image: int = 1
+    """Augmented views per image (1 for CASS, 2 + local crops for DINO)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()

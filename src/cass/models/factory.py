@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from cass.config import ConfigError
 from cass.models.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,18 @@ class Network(nn.Module):
         self.model.reset_classifier(num_outputs)
 
 
-def _timm_create(name: str, img_size: int | None, **kwargs) -> nn.Module:
-    """Create a timm model, passing ``img_size`` only to models built for a fixed size (ViTs)."""
+def _timm_create(name: str, img_size: int | None, dynamic_img_size: bool = False, **kwargs) -> nn.Module:
+    """Create a timm model; the size arguments reach only models built for a fixed size (ViTs)."""
     if name.split(".")[0] not in timm.list_models():
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
-    if img_size is not None:
+        raise ConfigError(f"unknown timm model {name!r} (see timm.list_models())")
+    size_kwargs = {"img_size": img_size} if img_size is not None else {}
+    if dynamic_img_size:
+        size_kwargs["dynamic_img_size"] = True
+    if size_kwargs:
         try:
-            return timm.create_model(name, img_size=img_size, **kwargs)
+            return timm.create_model(name, **size_kwargs, **kwargs)
         except TypeError:
-            pass  # convolutional networks take any input size and no img_size argument
+            pass  # convolutional networks take any input size and no size arguments
     return timm.create_model(name, **kwargs)
 
 
@@ -86,36 +90,40 @@ def create_network(
     num_outputs: int = 1000,
     img_size: int | None = None,
     role: str | None = None,
+    dynamic_img_size: bool = False,
 ) -> Network:
     """Build a timm network for cass.
 
     ``role`` (``cnn``, ``vit``) picks ``<role>.safetensors`` when ``init`` is a run directory.
+    ``dynamic_img_size`` lets a ViT take inputs of several sizes (DINO's local crops).
     """
+    img_size_kwargs = {"dynamic_img_size": dynamic_img_size}
     if init == "scratch":
         if weights:
             raise WeightsUnavailableError(f"weights file {weights} given with init 'scratch'; use init 'imagenet'")
-        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs)
+        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs, **img_size_kwargs)
     elif init == "imagenet":
-        model = _create_imagenet(name, weights, num_outputs, img_size)
+        model = _create_imagenet(name, weights, num_outputs, img_size, **img_size_kwargs)
     else:
-        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs)
+        model = _timm_create(name, img_size, pretrained=False, num_classes=num_outputs, **img_size_kwargs)
         _load_checkpoint_into(model, _resolve_init_path(Path(init), role))
     return Network(model, name, img_size)
 
 
-def _create_imagenet(name: str, weights: str | None, num_outputs: int, img_size: int | None) -> nn.Module:
+def _create_imagenet(name: str, weights: str | None, num_outputs: int, img_size: int | None, **kwargs) -> nn.Module:
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
             raise WeightsUnavailableError(f"weights file not found: {path}")
         try:
             return _timm_create(
-                name, img_size, pretrained=True, num_classes=num_outputs, pretrained_cfg_overlay={"file": str(path)}
+                name, img_size, pretrained=True, num_classes=num_outputs, pretrained_cfg_overlay={"file": str(path)},
+                **kwargs,
             )
         except Exception as err:  # timm raises many kinds; the user needs the file and the reason
             raise WeightsUnavailableError(f"cannot load ImageNet weights for {name} from {path}: {err}") from err
     try:
-        return _timm_create(name, img_size, pretrained=True, num_classes=num_outputs)
+        return _timm_create(name, img_size, pretrained=True, num_classes=num_outputs, **kwargs)
     except Exception as err:
         raise WeightsUnavailableError(
             f"cannot download ImageNet weights for {name} ({type(err).__name__}: {err}). Offline, download them "

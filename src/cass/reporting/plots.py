@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -30,5 +31,97 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+@dataclass
+class Curve:
+    """One line of a figure: y against x, with optional error bars (e.g. the std over seeds)."""
+
+    x: Sequence[float]
+    y: Sequence[float]
+    err: Sequence[float] | None = None
+
+
+def plot_curves(
+    panels: dict[str, dict[str, Curve]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str = "",
+    logx: bool = False,
+    hline: tuple[float, str] | None = None,
+) -> Path:
+    """Side-by-side panels of labelled lines; ``hline`` = (y, label) marks a threshold in every panel.
+
+    One function for label-fraction curves, robustness sweeps and training curves, so they all look alike.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for label, curve in curves.items():
+            ax.errorbar(curve.x, curve.y, yerr=curve.err, marker="o", markersize=4, capsize=3, label=label)
+        if hline is not None:
+            ax.axhline(hline[0], color="tab:red", linestyle="--", linewidth=1, label=hline[1])
+        if logx:
+            ax.set_xscale("log")
+            ticks = sorted({x for curve in curves.values() for x in curve.x})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_bars(
+    bars: dict[str, tuple[float, float]], path: str | Path, ylabel: str, title: str = ""
+) -> Path:
+    """One bar per label with its error bar: ``{label: (mean, std)}``."""
+    labels = list(bars)
+    means = [bars[label][0] for label in labels]
+    errors = [bars[label][1] for label in labels]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(labels), 3.8))
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color=plt.cm.tab10.colors[: len(labels)])
+    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right")
+    for i, mean in enumerate(means):
+        ax.text(i, mean, f"{mean:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_heatmaps(
+    images: np.ndarray, maps: dict[str, np.ndarray], path: str | Path, captions: Sequence[str], title: str = ""
+) -> Path:
+    """One row per image: the image, then each column's heat map (values in [0, 1]) over it.
+
+    ``images`` is (N, H, W, 3) in [0, 1]; each entry of ``maps`` is (N, H, W) for one model.
+    """
+    columns = 1 + len(maps)
+    fig, axes = plt.subplots(len(images), columns, figsize=(2.2 * columns, 2.2 * len(images) + 0.4), squeeze=False)
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(captions[row], fontsize=8)
+        for col, (label, heat) in enumerate(maps.items(), start=1):
+            axes[row, col].imshow(image)
+            axes[row, col].imshow(heat[row], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if row == 0:
+                axes[row, col].set_title(label, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -205,9 +205,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     sampler = loader.sampler
     steps_per_epoch = len(loader)
 
-    if fabric.world_size > 1:
+    if fabric.world_size > 1 and fabric.device.type == "cuda":
+        # Batch statistics over the global batch, as on one device (PyTorch's SyncBatchNorm is GPU-only;
+        # on CPU processes BatchNorm sees the per-process batch).
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     optimizers, schedulers = method.configure_optimizers(steps_per_epoch * cfg.epochs)
+    if cfg.swa and method.views_per_image > 1:
+        raise ConfigError(f"--swa is supported for single-view methods (cass), not {cfg.method}")
     swa = SWA(method.networks(), int(cfg.swa_start * cfg.epochs)) if cfg.swa else None
 
     state = TrainState()
@@ -226,6 +230,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     metrics = MetricsFile(run_dir / METRICS, state.epoch) if fabric.is_global_zero else None
     monitor = CollapseMonitor(cfg.diagnostics_samples)
 
+    if cfg.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
+    skip_nonfinite = cfg.on_nonfinite_loss == "skip"
     for epoch in range(state.epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -233,6 +240,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             torch.cuda.reset_peak_memory_stats(fabric.device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=fabric.device)
+        skipped = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero, leave=False,
                    file=sys.stdout, dynamic_ncols=True)
         for i, (views, _targets, _index) in enumerate(bar):
@@ -241,6 +249,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             for opt in fabric_optimizers:
                 opt.zero_grad(set_to_none=True)
             out = model(views, progress)
+            if skip_nonfinite:  # a host sync per step, only in this opt-in mode; all processes agree
+                bad = fabric.all_reduce((~torch.isfinite(out.loss.detach())).float(), reduce_op="sum")
+                if bad > 0:
+                    skipped += 1
+                    continue
             fabric.backward(out.loss)
             method.before_optimizer_step(progress)
             for opt in fabric_optimizers:
@@ -256,11 +269,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{out.loss.item():.4f}", img_s=f"{(i + 1) * cfg.batch_size / elapsed:.1f}")
         bar.close()
         epoch_time = time.perf_counter() - start
-        mean_loss = float(fabric.all_reduce(loss_sum / steps_per_epoch, reduce_op="mean"))
+        done = steps_per_epoch - skipped
+        mean_loss = float(fabric.all_reduce(loss_sum / max(done, 1), reduce_op="mean")) if done else math.nan
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"loss became {mean_loss} in epoch {epoch + 1}; stopped. {run_dir / CHECKPOINT} still holds the "
-                f"last good epoch ({state.epoch}); lower --lr or check the data, then --resume {run_dir}"
+                f"last good epoch ({state.epoch}); lower --lr or check the data, then --resume {run_dir} "
+                "(or set on_nonfinite_loss: skip to drop such steps)"
             )
         state.epoch = epoch + 1
         if swa is not None:
@@ -269,6 +284,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             "epoch": state.epoch,
             "step": state.step,
             "loss": mean_loss,
+            "skipped_steps": skipped,
             "lr": schedulers[0].get_last_lr()[0],
             **monitor.compute(),
             "epoch_time_s": epoch_time,

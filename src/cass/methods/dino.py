@@ -1,0 +1,333 @@
+"""DINO (Caron et al. 2021), the baseline the CASS paper compares against, with its standard recipe.
+
+A student sees 2 global and N local crops of each image; an EMA copy of it, the teacher, sees only the
+2 global crops. The student is trained to match the teacher's centred, sharpened softmax over
+``out_dim`` prototypes. Either a ViT or a CNN (``--arch vit|cnn``) is the backbone of both.
+
+Pieces, each usable alone: :class:`DINOHead` (projection head), :class:`DINOLoss` (cross-entropy with
+centering), :class:`MultiCropTransform` (views), :func:`ema_update` and :func:`clip_gradients_per_tensor`
+(the teacher update and DINO's clipping), and the :class:`DINO` method that wires them into the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torchvision.transforms import v2
+
+from cass.config import ConfigError, PretrainConfig
+from cass.data.transforms import TO_FLOAT
+from cass.methods.base import Progress, PretrainMethod, StepOutput
+from cass.methods.registry import register_method
+from cass.models.factory import Network, create_network
+from cass.training.schedules import cosine, cosine_lambda
+
+ARCHS = ("vit", "cnn")
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP, L2-normalised bottleneck, then a weight-normalised linear layer onto the prototypes.
+
+    With ``norm_last_layer`` the weight norm ``g`` is fixed to 1, so every prototype is a unit vector
+    and the logits are cosines: DINO found this stabilises training (only the directions are learnt).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        norm = self.last_layer.parametrizations.weight.original0
+        norm.data.fill_(1.0)
+        norm.requires_grad = not norm_last_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def linear_warmup(epoch: int, start: float, end: float, warmup_epochs: int) -> float:
+    """``start`` at epoch 0 rising linearly to ``end`` at epoch ``warmup_epochs - 1``, then ``end``.
+
+    The same values as DINO's ``np.linspace(start, end, warmup_epochs)`` followed by a constant.
+    """
+    if epoch >= warmup_epochs:
+        return end
+    return start + (end - start) * epoch / max(warmup_epochs - 1, 1)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the teacher's centred, sharpened softmax and the student's, over crop pairs.
+
+    Every teacher (global) crop is matched to every student crop except the same view; the loss is the
+    mean over those pairs. Centering (subtracting an EMA of the teacher's mean output) stops one
+    prototype from dominating, sharpening (a low teacher temperature) stops the uniform output: the
+    two together are what keeps DINO from collapsing. The centre is a buffer, so it is checkpointed.
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        teacher_temp: Callable[[int], float],
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        """``teacher_temp`` maps the epoch to the teacher temperature (see :func:`linear_warmup`)."""
+        super().__init__()
+        self.teacher_temp = teacher_temp
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], epoch: int
+    ) -> torch.Tensor:
+        """Student crops in the teacher's order first (the global ones); the centre is updated after."""
+        temp = self.teacher_temp(epoch)
+        targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher_out]
+        log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
+        # Summing over all student crops and removing the same view gives every pair in one pass per target.
+        all_log_probs = torch.stack(log_probs).sum(0)
+        total = sum(-(q * (all_log_probs - log_probs[i])).sum(-1).mean() for i, q in enumerate(targets))
+        pairs = len(targets) * len(log_probs) - len(targets)
+        self.update_center(torch.cat(list(teacher_out)))
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the teacher's batch mean, over all processes so every replica keeps the same centre."""
+        batch_sum = teacher_out.float().sum(0, keepdim=True)
+        count = teacher_out.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            count *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def local_crop_size(img_size: int, fraction: float, multiple: int = 1) -> int:
+    """Local crops are ``fraction`` of the global size (96 px at 224), in whole ``multiple``s.
+
+    ``multiple`` is the ViT's patch size: timm ViTs take any input size only in whole patches. The floor
+    of one patch and 8 px keeps tiny images usable.
+    """
+    return max(8, multiple * max(1, round(img_size * fraction / multiple)))
+
+
+class MultiCropTransform:
+    """PIL image -> [2 global crops at ``img_size``, ``n_local`` crops at ``local_size``], floats in [0, 1].
+
+    DINO's augmentations (flip, colour jitter p=0.8, grayscale p=0.2, Gaussian blur p=1.0 / 0.1 on the
+    two global crops and 0.5 on the locals, solarisation p=0.2 on the second global crop). Images are
+    not normalised: each :class:`~cass.models.factory.Network` normalises its own input.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        n_local: int,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        local_size: int = 96,
+    ) -> None:
+        self.n_local = n_local
+        self.global1 = _crop_pipeline(img_size, global_scale, blur_p=1.0)
+        self.global2 = _crop_pipeline(img_size, global_scale, blur_p=0.1, solarize_p=0.2)
+        self.local = _crop_pipeline(local_size, local_scale, blur_p=0.5)
+
+    def __call__(self, image: object) -> list[torch.Tensor]:
+        return [self.global1(image), self.global2(image), *(self.local(image) for _ in range(self.n_local))]
+
+
+def _crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
+    # Blur sigma 0.1-2 px as DINO's PIL radius; the kernel covers +-3 sigma of the widest blur.
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=blur_p),
+            v2.RandomSolarize(threshold=128, p=solarize_p),
+            *TO_FLOAT,
+        ]
+    )
+
+
+@torch.no_grad()
+def ema_update(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], momentum: float) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student``, in place, one fused op per step."""
+    teacher, student = list(teacher), list(student)
+    torch._foreach_mul_(teacher, momentum)
+    torch._foreach_add_(teacher, student, alpha=1 - momentum)
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(parameters: Iterable[torch.Tensor], max_norm: float) -> None:
+    """DINO's clipping: each parameter's gradient is scaled to norm ``max_norm`` at most, on its own.
+
+    Unlike ``clip_grad_norm_`` (one global norm), a huge gradient in one layer does not shrink the rest.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads))
+        torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0).unbind()))
+
+
+class MultiCropEncoder(nn.Module):
+    """Backbone + DINO head over a list of crops; consecutive crops of one size share one backbone pass."""
+
+    def __init__(self, backbone: Network, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(pooled features of all crops, concatenated in crop order; head outputs, one per crop)."""
+        same_size = itertools.groupby(crops, key=lambda crop: crop.shape[-2:])
+        features = torch.cat([self.backbone.features(torch.cat(list(group))) for _, group in same_size])
+        return features, list(self.head(features).chunk(len(crops)))
+
+
+def _require_vision_transformer(network: Network) -> None:
+    """DINO feeds crops of two sizes: only a timm ViT built with ``dynamic_img_size`` takes both."""
+    if not isinstance(network.model, VisionTransformer):
+        raise ConfigError(
+            f"--vit {network.name}: DINO feeds crops of two sizes, which needs a timm VisionTransformer "
+            f"(vit_*, deit_*); {type(network.model).__name__} takes only one input size"
+        )
+
+
+def _patch_size(network: Network) -> int:
+    """The ViT's patch size; 1 for CNNs, which take any input size."""
+    patch_embed = getattr(network.model, "patch_embed", None)
+    return int(patch_embed.patch_size[0]) if patch_embed is not None else 1
+
+
+def peak_lr(cfg: PretrainConfig) -> float:
+    """DINO's linear scaling rule: ``dino.base_lr`` is the rate for 256 images, scaled by the global batch."""
+    return cfg.dino.base_lr * cfg.batch_size / 256
+
+
+@register_method("dino")
+class DINO(PretrainMethod):
+    """DINO with a ViT or CNN student (``cfg.arch``) and an EMA teacher of the same architecture.
+
+    ``networks()`` exports the **teacher** backbone: DINO evaluates the teacher, which is an ensemble
+    of past students and better than the student throughout training. Everything a resumed run needs
+    is in ``state_dict()`` (student, teacher, the loss's centre) or follows from the step, so
+    :meth:`extra_state` stays empty.
+    """
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        super().__init__(cfg)
+        if cfg.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
+        d = cfg.dino
+        self.views_per_image = 2 + d.n_local_crops
+        weights = cfg.vit_weights if cfg.arch == "vit" else cfg.cnn_weights
+        backbone = create_network(
+            getattr(cfg, cfg.arch), init=cfg.init, weights=weights, num_outputs=0, img_size=cfg.img_size,
+            role=cfg.arch, dynamic_img_size=cfg.arch == "vit",
+        )
+        if cfg.arch == "vit":
+            _require_vision_transformer(backbone)
+        head = DINOHead(backbone.num_features, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
+        self.student = MultiCropEncoder(backbone, head)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        # DINO warms the temperature up over 30 epochs; a shorter run completes the warm-up in its last epoch.
+        warmup = min(d.warmup_teacher_temp_epochs, cfg.epochs)
+        teacher_temp = partial(linear_warmup, start=d.warmup_teacher_temp, end=d.teacher_temp, warmup_epochs=warmup)
+        self.loss = DINOLoss(d.out_dim, teacher_temp, d.student_temp, d.center_momentum)
+        self._optimizer: Optimizer | None = None
+
+    def networks(self) -> dict[str, Network]:
+        return {self.cfg.arch: self.teacher.backbone}
+
+    def train_transform(self) -> MultiCropTransform:
+        d = self.cfg.dino
+        local_size = local_crop_size(self.img_size, d.local_crop_fraction, _patch_size(self.student.backbone))
+        return MultiCropTransform(self.img_size, d.n_local_crops, d.global_crop_scale, d.local_crop_scale, local_size)
+
+    def forward(self, images: list[torch.Tensor], progress: Progress) -> StepOutput:
+        """``images``: one batch per crop, the 2 global crops first (what the transform's lists collate to).
+
+        Diagnostics get the student's view of the first global crop: its prototype logits (constant
+        over the batch when DINO collapses) and its pooled backbone features.
+        """
+        features, student_out = self.student(images)
+        with torch.no_grad():
+            _, teacher_out = self.teacher(images[:2])
+        batch = images[0].shape[0]
+        return StepOutput(
+            loss=self.loss(student_out, teacher_out, progress.epoch),
+            outputs={self.cfg.arch: student_out[0].detach()},
+            features={self.cfg.arch: features[:batch].detach()},
+        )
+
+    def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:
+        """AdamW (no weight decay on biases and norms), linear warm-up then cosine to ``min_lr``, per step.
+
+        The warm-up is ``warmup_epochs`` long but at most half the run, so a short run still decays.
+        """
+        d = self.cfg.dino
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if p.ndim > 1], "weight_decay": d.weight_decay},
+            {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+        lr = peak_lr(self.cfg)
+        self._optimizer = AdamW(groups, lr=lr)
+        warmup_steps = min(d.warmup_epochs * total_steps // self.cfg.epochs, total_steps // 2)
+        schedule = cosine_lambda(total_steps, lr, self.cfg.min_lr, warmup_steps)
+        return [self._optimizer], [LambdaLR(self._optimizer, schedule)]
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """Weight decay on its cosine schedule, per-tensor gradient clipping, last layer frozen early on.
+
+        Freezing sets the last layer's gradients to None (not zero) so AdamW skips it entirely, weight
+        decay included, as DINO does.
+        """
+        if self._optimizer is None:
+            raise RuntimeError("DINO.configure_optimizers must be called before training steps")
+        d = self.cfg.dino
+        self._optimizer.param_groups[0]["weight_decay"] = cosine(
+            progress.step, progress.total_steps, d.weight_decay, d.weight_decay_end
+        )
+        if d.clip_grad > 0:
+            clip_gradients_per_tensor(self.student.parameters(), d.clip_grad)
+        if progress.epoch < d.freeze_last_layer_epochs:
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+
+    def after_optimizer_step(self, progress: Progress) -> None:
+        """Teacher EMA with momentum rising on a cosine from ``momentum_teacher`` to 1 over the run."""
+        momentum = cosine(progress.step, progress.total_steps, self.cfg.dino.momentum_teacher, 1.0)
+        ema_update(self.teacher.parameters(), self.student.parameters(), momentum)
