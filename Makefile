@@ -18,6 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]' $(TORCH)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	touch $@
 
 install: $(VENV)/.installed

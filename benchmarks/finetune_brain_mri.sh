@@ -4,7 +4,7 @@
 set -euo pipefail
 DATA=${CASS_SHARED_DATA:-../shared/data}/brain-tumor-mri-224/brain_tumor_mri_224_dev.zip
 OUT=${1:-runs/bench-finetune-brain}
-for spec in "1.0 12" "0.1 30" "0.01 50"; do
+for spec in "1.0 5" "0.1 20" "0.01 40"; do
   set -- $spec
   start=$(date +%s)
   .venv/bin/cass finetune --from scratch --arch cnn --cnn resnet18 --img-size 64 --batch-size 32 \

@@ -6,10 +6,11 @@ overridden by options the user actually typed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -195,28 +196,62 @@ def embed(
     typer.echo(f"features written to {run_embed(model, input, out)}")
 
 
+@contextlib.contextmanager
+def _resume_hint(command: str) -> Iterator[None]:
+    """An interrupted grid keeps its finished cells and checkpoints: say how to continue it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finished cells are kept; rerun {command} to continue", err=True)
+        raise typer.Exit(130) from None
+
+
 @app.command()
 @friendly_errors
-def demo(
-    out: Annotated[str, Opt(help="Where the demo writes its runs.")] = "runs/demo",
-    epochs: Annotated[int, Opt(help="Pretraining epochs.")] = 3,
+def experiment(
+    config: Annotated[Path | None, Opt("--config", help="Experiment YAML (see configs/experiments/).")] = None,
+    data: Annotated[str | None, Opt(help="Labelled images with train/ and val/ splits (default: the config's, else the shipped sample).")] = None,
+    val_data: Annotated[str | None, Opt(help="Validation images (default: the val/ split of --data).")] = None,
+    out: Annotated[str | None, Opt(help="Experiment directory (default: the config's out). Rerun to resume.")] = None,
+    num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
+    accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu (pretraining and fine-tuning).")] = None,
 ) -> None:
-    """A short CASS pretraining (resnet18 + vit_tiny at 64 px) on the shipped brain-MRI sample."""
-    from cass.training.engine import pretrain as run_pretrain
+    """Run the comparison grid (methods x networks x inits x label fractions x seeds); resumable."""
+    from cass.evaluation.experiment import ExperimentConfig, run_experiment
 
-    cfg = PretrainConfig(
-        cnn="resnet18", vit="vit_tiny_patch16_224", img_size=64, batch_size=16, epochs=epochs,
-        out=str(Path(out) / "cass"), accelerator="cpu" if not _has_gpu() else "auto",
+    overrides = given(
+        data__data=data, data__val_data=val_data, out=out, data__num_workers=num_workers,
+        pretrain__accelerator=accelerator, finetune__accelerator=accelerator,
     )
-    resume = (Path(cfg.out) / "checkpoint.safetensors").exists()
-    run_pretrain(cfg, resume=resume)
-    typer.echo(f"demo pretraining run: {cfg.out}")
+    cfg = merge(load_yaml(ExperimentConfig, config) if config else ExperimentConfig(), overrides)
+    with _resume_hint("the same cass experiment command"):
+        run_dir = run_experiment(cfg)
+    typer.echo(f"results: {run_dir / 'results.csv'}; write the report with: cass report {run_dir}")
 
 
-def _has_gpu() -> bool:
-    import torch
+@app.command()
+@friendly_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="A cass experiment directory.")]) -> None:
+    """Markdown and self-contained HTML report of an experiment directory."""
+    from cass.reporting.report import write_report
 
-    return torch.cuda.is_available()
+    md_path, html_path = write_report(run_dir)
+    typer.echo(f"report: {html_path} (Markdown: {md_path})")
+
+
+@app.command()
+@friendly_errors
+def demo(out: Annotated[str, Opt(help="Where the demo writes its runs (rerun to resume).")] = "runs/demo") -> None:
+    """The whole comparison in minutes on a CPU: CASS, DINO and supervised, small networks, the shipped sample."""
+    from cass.evaluation.experiment import demo_config, run_experiment
+    from cass.reporting.report import summary_table, write_report
+
+    with _resume_hint("cass demo"):
+        run_dir = run_experiment(demo_config(out))
+    _, html_path = write_report(run_dir)
+    typer.echo("\nValidation macro-F1 (one seed, short schedules on 240 images: a demonstration, not a benchmark)\n")
+    typer.echo(summary_table(run_dir))
+    typer.echo(f"\nreport: {html_path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

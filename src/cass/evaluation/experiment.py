@@ -18,7 +18,7 @@ pretraining from its last checkpoint (the engine's resume) and an interrupted fi
 own. A directory written with a different configuration is refused, never silently reused.
 
 Layout of ``out``: ``experiment.yaml`` (the resolved configuration: ``cass experiment --config`` on it
-reruns everything), ``environment.json`` (machine and versions), ``pretrain/<run>/``,
+reruns everything), ``environment.json`` (machine and versions of each session), ``pretrain/<run>/``,
 ``finetune/<cell>/`` (a ``cass finetune`` model directory plus ``cell.json``), ``results.csv`` and
 ``results.json`` (one row per finished cell) and ``pretraining.csv`` (one row per pretraining run).
 """
@@ -34,15 +34,23 @@ import platform
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import cass
-from cass.config import ConfigError, DataConfig, DinoConfig, FinetuneConfig, PretrainConfig, save_yaml, to_dict
+from cass.config import (
+    ConfigError,
+    DataConfig,
+    DinoConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from cass.evaluation.finetune import finetune
 from cass.evaluation.subsets import check_fraction
 from cass.training.checkpoint import CheckpointError, atomic_write_text, read_info
@@ -153,7 +161,7 @@ class Cell:
 
     def describe(self) -> str:
         pretraining = "" if self.batch_size is None else f", pretraining batch {self.batch_size} x {self.epochs} epochs"
-        return (f"{self.method} {self.arch} from {self.init}, {self.label_fraction:.0%} labels, "
+        return (f"{self.method} {self.arch} from {self.init}, {self.label_fraction * 100:g}% labels, "
                 f"seed {self.seed}{pretraining}")
 
 
@@ -304,13 +312,33 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) 
 
 
 def _refuse_other_config(directory: Path, cfg: Any) -> None:
-    """Reusing a directory written by another configuration would mix results of two experiments."""
+    """Reusing a directory written by another configuration would mix results of two experiments.
+
+    The saved file is read as a config (options it lacks take their defaults), so a directory written
+    before a new option existed still matches when that option keeps its default.
+    """
     path = directory / CONFIG
-    if path.is_file() and yaml.safe_load(path.read_text()) != to_dict(cfg):
+    if not path.is_file():
+        return
+    saved = load_yaml(type(cfg), path)
+    if saved != cfg:
+        differences = _differences(to_dict(saved), to_dict(cfg))
+        changed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
         raise ConfigError(
-            f"{path} was written with a different configuration than this experiment's; "
+            f"{path} was written with a different configuration than this experiment's ({changed}); "
             f"choose another out directory, or delete {directory} to redo it"
         )
+
+
+def _differences(saved: dict[str, Any], planned: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, planned value) for every option that differs."""
+    found = []
+    for key, value in planned.items():
+        if isinstance(value, dict):
+            found += _differences(saved[key], value, f"{prefix}{key}.")
+        elif saved[key] != value:
+            found.append((f"{prefix}{key}", saved[key], value))
+    return found
 
 
 def pretraining_finished(run_dir: Path, run: PretrainRun) -> bool:
@@ -325,55 +353,55 @@ def pretraining_finished(run_dir: Path, run: PretrainRun) -> bool:
     return True
 
 
+def _configs(cfg: ExperimentConfig, cell: Cell) -> tuple[PretrainRun | None, PretrainConfig | None, FinetuneConfig]:
+    """A cell's pretraining run (if any) and the full configurations of both steps."""
+    run = pretrain_run(cfg, cell)
+    if run is None:
+        return None, None, finetune_config(cfg, cell, None)
+    return run, pretrain_config(cfg, run), finetune_config(cfg, cell, pretrain_dir(cfg, run))
+
+
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or continue) the whole grid; returns ``cfg.out``, which holds the results and every run."""
     validate(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / EXPERIMENT_YAML)
-    atomic_write_text(out / ENVIRONMENT, json.dumps(environment(), indent=2))
     cells = plan(cfg)
-    print(f"experiment {out}: {len(cells)} cells, {len({pretrain_run(cfg, c) for c in cells} - {None})} "
-          "pretraining runs", flush=True)
-    for number, cell in enumerate(cells, 1):
+    jobs = [(cell, *_configs(cfg, cell)) for cell in cells]
+    for _, _, run_cfg, ft_cfg in jobs:  # before anything is written or trained
+        for step in (run_cfg, ft_cfg):
+            if step is not None:
+                _refuse_other_config(Path(step.out), step)
+    save_yaml(cfg, out / EXPERIMENT_YAML)
+    sessions = json.loads((out / ENVIRONMENT).read_text()) if (out / ENVIRONMENT).is_file() else []
+    atomic_write_text(out / ENVIRONMENT, json.dumps([*sessions, environment()], indent=2))
+    print(f"experiment {out}: {len(cells)} cells, {len({run for _, run, _, _ in jobs} - {None})} pretraining runs",
+          flush=True)
+    for number, (cell, run, run_cfg, ft_cfg) in enumerate(jobs, 1):
         label = f"[{number}/{len(cells)}] {cell.describe()}"
-        cell_dir = out / "finetune" / cell.name
-        if (cell_dir / CELL).is_file():
+        if (Path(ft_cfg.out) / CELL).is_file():
             print(f"{label}: done, skipped", flush=True)
             continue
-        run = pretrain_run(cfg, cell)
-        pretrained = None if run is None else _ensure_pretrained(cfg, run, label)
-        ft_cfg = finetune_config(cfg, cell, pretrained)
-        _refuse_other_config(cell_dir, ft_cfg)
+        if run is not None and not pretraining_finished(Path(run_cfg.out), run):
+            resume = (Path(run_cfg.out) / CHECKPOINT).is_file()
+            print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run.name}", flush=True)
+            pretrain(run_cfg, resume=resume)
         print(f"{label}: fine-tuning", flush=True)
         start = time.perf_counter()
         finetune(ft_cfg, resume=True)
         row = _cell_row(cfg, cell, run, time.perf_counter() - start)
-        atomic_write_text(cell_dir / CELL, json.dumps(row, indent=2))
+        atomic_write_text(Path(ft_cfg.out) / CELL, json.dumps(row, indent=2))
         print(f"{label}: validation macro-F1 {row['macro_f1']:.4f} ({row['finetune_time_s']:.0f} s)", flush=True)
         write_results(cfg, cells)
     write_results(cfg, cells)
     return out
 
 
-def _ensure_pretrained(cfg: ExperimentConfig, run: PretrainRun, label: str) -> Path:
-    """The run's directory, training or finishing the run first if needed."""
-    run_cfg = pretrain_config(cfg, run)
-    run_dir = pretrain_dir(cfg, run)
-    if pretraining_finished(run_dir, run):
-        return run_dir
-    _refuse_other_config(run_dir, run_cfg)
-    resume = (run_dir / CHECKPOINT).is_file()
-    print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run.name}", flush=True)
-    pretrain(run_cfg, resume=resume)
-    return run_dir
-
-
 def environment() -> dict[str, Any]:
-    """Where the numbers were measured: the report quotes it next to every time."""
+    """Where the numbers were measured: the report quotes it next to every time, and warns when a
+    resumed experiment mixed machines (its times are then not comparable)."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -475,7 +503,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def demo_config(out: str = "runs/demo", accelerator: str = "auto") -> ExperimentConfig:
     """What ``cass demo`` runs: every method, both networks, 1/10/100 % labels, one seed, on the shipped sample.
 
-    Small networks at 64 px and short schedules, sized to finish in minutes on a 2-core CPU; DINO keeps
+    Small networks at 48 px and short schedules, sized to finish in minutes on a 2-core CPU; DINO keeps
     its recipe but with a 4,096-prototype head and 2 local crops, so its cost stays comparable.
     """
     return ExperimentConfig(
@@ -483,9 +511,9 @@ def demo_config(out: str = "runs/demo", accelerator: str = "auto") -> Experiment
         label_fractions=[0.01, 0.1, 1.0],
         seeds=[0],
         pretrain=PretrainConfig(
-            cnn="resnet18", vit="vit_tiny_patch16_224", img_size=64, batch_size=32, epochs=3,
+            cnn="resnet18", vit="vit_tiny_patch16_224", img_size=48, batch_size=32, epochs=3,
             accelerator=accelerator, dino=DinoConfig(out_dim=4096, n_local_crops=2),
         ),
-        finetune=FinetuneConfig(epochs=5, batch_size=32, patience=5, accelerator=accelerator),
+        finetune=FinetuneConfig(epochs=4, batch_size=32, patience=4, accelerator=accelerator),
         out=out,
     )

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -57,16 +58,18 @@ def plot_curves(
     One function for label-fraction curves, robustness sweeps and training curves, so they all look alike.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels.items()):
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for label, curve in curves.items():
             ax.errorbar(curve.x, curve.y, yerr=curve.err, marker="o", markersize=4, capsize=3, label=label)
         if hline is not None:
             ax.axhline(hline[0], color="tab:red", linestyle="--", linewidth=1, label=hline[1])
+        ticks = sorted({x for curve in curves.values() for x in curve.x})
         if logx:
             ax.set_xscale("log")
-            ticks = sorted({x for curve in curves.values() for x in curve.x})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
+        elif all(float(t).is_integer() for t in ticks):  # epochs, batch sizes
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

@@ -1,0 +1,485 @@
+"""The report of a ``cass experiment`` directory: Markdown plus one self-contained HTML page.
+
+Everything is read back from the files the experiment wrote (``experiment.yaml``, ``results.json``,
+``pretraining.csv``, each run's ``metrics.csv`` and each cell's model directory), so a report can be
+rebuilt at any time, also from a partly finished experiment. The Markdown is the single source of
+the text: the HTML page is that Markdown rendered by the ``markdown`` package, with every figure
+embedded as base64 so the page can be mailed or archived alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import markdown
+import numpy as np
+import torch
+
+from cass.config import ConfigError, load_yaml
+from cass.data.sources import load_splits
+from cass.data.transforms import eval_transform
+from cass.evaluation.experiment import (
+    ENVIRONMENT,
+    EXPERIMENT_YAML,
+    PRETRAINING_CSV,
+    RESULTS_JSON,
+    SELF_SUPERVISED,
+    Cell,
+    ExperimentConfig,
+    read_pretraining,
+)
+from cass.evaluation.inference import load_classifier
+from cass.reporting.explain import grad_cam_maps, vit_attention_maps
+from cass.reporting.plots import Curve, plot_bars, plot_confusion_matrix, plot_curves, plot_heatmaps
+from cass.training.checkpoint import atomic_write_text
+
+METHOD_NAMES = {"cass": "CASS", "dino": "DINO", "supervised": "Supervised"}
+ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}
+METRIC_NAMES = {
+    "macro_f1": "macro-F1", "micro_f1": "micro-F1", "macro_recall": "macro recall",
+    "balanced_accuracy": "balanced accuracy", "auroc": "AUROC (macro, one-vs-rest)", "map": "mAP",
+}
+LOSS_NAMES = {"cass": "CASS loss: 2 - 2 cos(CNN, ViT outputs)", "dino": "DINO loss: teacher-student cross-entropy"}
+EXPLAINED_IMAGES = 4
+Row = dict[str, Any]
+
+
+class Report:
+    """What the sections share: the experiment, its rows and runs, and where figures go."""
+
+    def __init__(self, run_dir: Path) -> None:
+        if not (run_dir / EXPERIMENT_YAML).is_file() or not (run_dir / RESULTS_JSON).is_file():
+            raise ConfigError(f"{run_dir}: not a cass experiment directory (no {EXPERIMENT_YAML} and {RESULTS_JSON})")
+        self.run_dir = run_dir
+        self.cfg = load_yaml(ExperimentConfig, run_dir / EXPERIMENT_YAML)
+        self.rows: list[Row] = json.loads((run_dir / RESULTS_JSON).read_text())
+        self.runs = _read_csv(run_dir / PRETRAINING_CSV)
+        self.sessions: list[dict[str, Any]] = json.loads((run_dir / ENVIRONMENT).read_text())
+        self.figures = run_dir / "report" / "figures"
+        self.figures.mkdir(parents=True, exist_ok=True)
+        base = self.cfg.pretrain
+        self.main = [r for r in self.rows if r["pretrain_batch_size"] in (None, base.batch_size)
+                     and r["pretrain_epochs"] in (None, base.epochs)]
+        self.main_runs = [r for r in self.runs if int(r["batch_size"]) == base.batch_size
+                          and int(r["epochs"]) == base.epochs]
+
+    def machine(self) -> str:
+        """Where the numbers were measured, with a warning when sessions ran on different machines."""
+        first, last = self.sessions[0], self.sessions[-1]
+        devices = sorted({f"{s['device']} ({s['cpu_count']} CPU cores)" for s in self.sessions})
+        where = (devices[0] if len(devices) == 1 else
+                 f"several machines ({'; '.join(devices)}): times from different machines are not comparable")
+        return (f"{where}; {last['platform']}, torch {last['torch']}, cass {last['cass']}; "
+                f"{len(self.sessions)} session(s) from {first['date']} to {last['date']}")
+
+    def cell_dir(self, row: Row) -> Path:
+        """A cell's model directory, found inside this experiment directory even if it was moved."""
+        return self.run_dir / "finetune" / Path(row["finetune_dir"]).name
+
+    def pretrain_dir(self, run: dict[str, str]) -> Path:
+        return self.run_dir / "pretrain" / Path(run["dir"]).name
+
+    def network(self, arch: str) -> str:
+        return f"{ARCH_NAMES[arch]} ({getattr(self.cfg.pretrain, arch)})"
+
+    def figure(self, name: str, alt: str) -> tuple[Path, str]:
+        """The PNG path to write and the Markdown that shows it."""
+        return self.figures / name, f"![{alt}](figures/{name})"
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file() or not path.read_text().strip():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof 1; 0 for one value) of the finite values, and how many there were."""
+    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if not array.size:
+        return float("nan"), float("nan"), 0
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0, int(array.size)
+
+
+def _format(stats: tuple[float, float, int], digits: int = 3) -> str:
+    """``mean ± std (n=k)``; a single value has no spread to show, so only ``mean (n=1)``."""
+    mean, std, n = stats
+    if n == 0:
+        return "not run"
+    spread = f" ± {std:.{digits}f}" if n > 1 else ""
+    return f"{mean:.{digits}f}{spread} (n={n})"
+
+
+def _groups(rows: list[Row], *keys: str) -> dict[tuple, list[Row]]:
+    grouped: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        grouped[tuple(row[k] for k in keys)].append(row)
+    return grouped
+
+
+def _fraction(value: float) -> str:
+    return f"{value * 100:g}%"
+
+
+def _series_label(method: str, init: str) -> str:
+    return f"{METHOD_NAMES[method]} / {init}"
+
+
+def results_table(report: Report, metric: str = "macro_f1") -> str:
+    """The paper's layout: rows method x architecture (x init), columns label fractions, mean ± std."""
+    fractions = report.cfg.label_fractions
+    lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
+             "|---|---|---|" + "---|" * len(fractions)]
+    cells = _groups(report.main, "method", "arch", "init", "label_fraction")
+    for method in report.cfg.methods:
+        for arch in report.cfg.archs:
+            for init in (i.name for i in report.cfg.inits):
+                values = []
+                for fraction in fractions:
+                    values.append(_format(_mean_std(r[metric] for r in cells.get((method, arch, init, fraction), []))))
+                name = f"| {METHOD_NAMES[method]} | {report.network(arch)} | {init} | "
+                lines.append(name + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(run_dir: str | Path, metric: str = "macro_f1") -> str:
+    """The main results table of an experiment directory as Markdown (what ``cass demo`` prints)."""
+    return results_table(Report(Path(run_dir)), metric)
+
+
+def _section_results(report: Report) -> str:
+    seeds = len(report.cfg.seeds)
+    text = [
+        "## Results",
+        f"Validation macro-F1 (the primary metric), mean ± sample standard deviation over {seeds} seed(s); "
+        "`n` is the number of finished seeds. Pretraining: batch "
+        f"{report.cfg.pretrain.batch_size}, {report.cfg.pretrain.epochs} epochs; fine-tuning mode "
+        f"`{report.cfg.finetune.mode}`. Columns are the fraction of the train labels used for fine-tuning.",
+        results_table(report, "macro_f1"),
+    ]
+    present = {k for row in report.main for k, v in row.items() if v is not None}
+    for metric in ("micro_f1", "macro_recall", "balanced_accuracy", "auroc", "map"):
+        if metric in present:
+            text += [f"### {METRIC_NAMES[metric]}", results_table(report, metric)]
+    text.append("Every row of every cell (with per-class F1, the confusion matrix and the config paths) is in "
+                "`results.csv` and `results.json`.")
+    return "\n\n".join(text)
+
+
+def _metric_curves(report: Report, rows: list[Row], x_key: str) -> dict[str, dict[str, Curve]]:
+    """Macro-F1 against ``x_key``, one panel per architecture, one line per method and init."""
+    panels: dict[str, dict[str, Curve]] = {}
+    for arch in report.cfg.archs:
+        lines: dict[str, Curve] = {}
+        for (method, init), group in _groups([r for r in rows if r["arch"] == arch], "method", "init").items():
+            by_x = _groups(group, x_key)
+            xs = sorted(x for (x,) in by_x)
+            stats = [_mean_std(r["macro_f1"] for r in by_x[(x,)]) for x in xs]
+            lines[_series_label(method, init)] = Curve(xs, [s[0] for s in stats], [s[1] for s in stats])
+        if lines:
+            panels[report.network(arch)] = lines
+    return panels
+
+
+def _section_fraction_curves(report: Report) -> str:
+    path, image = report.figure("label_fraction_curves.png", "macro-F1 against the label fraction")
+    plot_curves(_metric_curves(report, report.main, "label_fraction"), path, "fraction of train labels (log)",
+                "validation macro-F1", logx=True)
+    return "\n\n".join(["## Label-fraction curves",
+                        "Mean over seeds; error bars are the standard deviation over seeds.", image])
+
+
+def _run_label(run: dict[str, str]) -> str:
+    name = "CASS" if run["method"] == "cass" else f"DINO-{'ViT' if run['arch'] == 'vit' else 'CNN'}"
+    return f"{name} / {run['init']} / seed {run['seed']}"
+
+
+def _section_pretraining_curves(report: Report) -> str:
+    if not report.main_runs:
+        return "## Pretraining curves\n\nNot run (no self-supervised method in this experiment)."
+    loss: dict[str, dict[str, Curve]] = defaultdict(dict)
+    std: dict[str, Curve] = {}
+    rank: dict[str, Curve] = {}
+    for run in report.main_runs:
+        rows = read_pretraining(report.pretrain_dir(run))
+        epochs = [int(r["epoch"]) for r in rows]
+        loss[LOSS_NAMES[run["method"]]][_run_label(run)] = Curve(epochs, [float(r["loss"]) for r in rows])
+        for role in ("cnn", "vit"):
+            if f"{role}_output_std" in (rows[0] if rows else {}):
+                label = f"{_run_label(run)} ({role})"
+                std[label] = Curve(epochs, [float(r[f"{role}_output_std"]) for r in rows])
+                rank[label] = Curve(epochs, [float(r[f"{role}_effective_rank"]) for r in rows])
+    threshold = report.cfg.pretrain.collapse_threshold
+    loss_path, loss_image = report.figure("pretraining_loss.png", "pretraining loss per epoch")
+    plot_curves(loss, loss_path, "epoch")
+    collapse_path, collapse_image = report.figure("collapse.png", "collapse diagnostics per epoch")
+    plot_curves({"output std (1 = healthy, 0 = collapsed)": std, "effective rank of features": rank},
+                collapse_path, "epoch", hline=(threshold, f"collapse warning ({threshold})"))
+    return "\n\n".join([
+        "## Pretraining: loss and collapse",
+        "Each method has its own objective, so the losses are not comparable across methods. The collapse "
+        "diagnostics are comparable: the std of the "
+        "L2-normalised outputs, scaled so that isotropic outputs give 1 and a constant output gives 0, and the "
+        "effective rank of the pooled features (how many directions the backbone really uses).",
+        loss_image, collapse_image,
+    ])
+
+
+def _time_groups(report: Report) -> dict[str, list[float]]:
+    """Pretraining seconds per run: CASS, DINO-ViT, DINO-CNN, and both DINO runs of one (init, seed) together."""
+    times: dict[str, list[float]] = defaultdict(list)
+    dino: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for run in report.main_runs:
+        seconds = float(run["time_s"])
+        if run["method"] == "cass":
+            times["CASS (CNN + ViT, one run)"].append(seconds)
+        else:
+            times[f"DINO-{'ViT' if run['arch'] == 'vit' else 'CNN'}"].append(seconds)
+            dino[(run["init"], run["seed"])][run["arch"]] = seconds
+    times["DINO-ViT + DINO-CNN"] = [pair["vit"] + pair["cnn"] for pair in dino.values() if len(pair) == 2]
+    order = ("CASS (CNN + ViT, one run)", "DINO-ViT", "DINO-CNN", "DINO-ViT + DINO-CNN")
+    return {label: times[label] for label in order if times[label]}
+
+
+def _section_time(report: Report) -> str:
+    times = _time_groups(report)
+    if not times:
+        return "## Pretraining time\n\nNot run (no self-supervised method in this experiment)."
+    stats = {label: _mean_std(values) for label, values in times.items()}
+    path, image = report.figure("pretraining_time.png", "pretraining time per run")
+    plot_bars({label: (s[0], s[1]) for label, s in stats.items()}, path, "seconds per pretraining run",
+              f"{report.cfg.pretrain.epochs} epochs, batch {report.cfg.pretrain.batch_size}")
+    lines = ["| run | seconds per run (mean ± std over runs) |", "|---|---|"]
+    lines += [f"| {label} | {_format(s, 1)} |" for label, s in stats.items()]
+    cass_time = stats.get("CASS (CNN + ViT, one run)")
+    ratios = [f"{cass_time[0] / stats[other][0]:.2f}x {other}" for other in list(stats)[1:]
+              if cass_time and stats[other][0] > 0]
+    text = ["## Pretraining time",
+            f"Wall-clock seconds of the training epochs (from each run's `metrics.csv`), measured on "
+            f"{report.machine()}. CASS trains both networks in one run, so it is "
+            "compared with DINO-ViT, DINO-CNN and both DINO runs together.",
+            "\n".join(lines), image]
+    if ratios:
+        text.insert(3, "CASS took " + ", ".join(ratios) + " (less than 1x = faster).")
+    return "\n\n".join(text)
+
+
+def _section_robustness(report: Report) -> str:
+    cfg = report.cfg
+    text = ["## Robustness to pretraining batch size and epochs"]
+    for key, values, option, xlabel in (
+        ("pretrain_batch_size", cfg.sweep_batch_sizes, "sweep_batch_sizes", "pretraining batch size"),
+        ("pretrain_epochs", cfg.sweep_epochs, "sweep_epochs", "pretraining epochs"),
+    ):
+        other = "pretrain_epochs" if key == "pretrain_batch_size" else "pretrain_batch_size"
+        fixed = cfg.pretrain.epochs if key == "pretrain_batch_size" else cfg.pretrain.batch_size
+        rows = [r for r in report.rows if r["method"] in SELF_SUPERVISED and r[other] == fixed]
+        if not values or not rows:
+            text.append(f"{xlabel.capitalize()}: not run (set `{option}` in the experiment config).")
+            continue
+        for fraction in cfg.sweep_label_fractions:
+            at = [r for r in rows if r["label_fraction"] == fraction]
+            name = f"robustness_{key}_{fraction:g}.png"
+            path, image = report.figure(name, f"macro-F1 against the {xlabel}")
+            plot_curves(_metric_curves(report, at, key), path, xlabel, f"macro-F1 at {_fraction(fraction)} labels")
+            text += [f"{xlabel.capitalize()}, fine-tuned with {_fraction(fraction)} of the labels "
+                     "(mean ± std over seeds):", image]
+    return "\n\n".join(text)
+
+
+def _best_cells(report: Report) -> dict[tuple[str, str], Row]:
+    """The best cell (highest macro-F1) of every method and architecture."""
+    best: dict[tuple[str, str], Row] = {}
+    for key, group in _groups(report.rows, "method", "arch").items():
+        best[key] = max(group, key=lambda r: r["macro_f1"])
+    return best
+
+
+def _describe_cell(row: Row) -> str:
+    return Cell(row["method"], row["arch"], row["init"], row["label_fraction"], row["seed"],
+                row["pretrain_batch_size"], row["pretrain_epochs"]).describe()
+
+
+def _section_confusion(report: Report) -> str:
+    text = ["## Confusion matrices",
+            "Best cell (highest validation macro-F1) of each method and network; rows are true classes, "
+            "colours the fraction of each true class, numbers the counts."]
+    for (method, arch), row in sorted(_best_cells(report).items()):
+        matrix = np.asarray(row["confusion_matrix"])
+        if matrix.ndim != 2:
+            text.append(f"{_describe_cell(row)}: multi-label data, see the per-label table in `results.json`.")
+            continue
+        path, image = report.figure(f"confusion_{method}_{arch}.png", f"confusion matrix {method} {arch}")
+        plot_confusion_matrix(matrix, row["classes"], path, f"{METHOD_NAMES[method]} {arch}: F1 {row['macro_f1']:.3f}")
+        text += [f"**{_describe_cell(row)}** (macro-F1 {row['macro_f1']:.3f})", image]
+    return "\n\n".join(text)
+
+
+def _validation_images(report: Report, img_size: int) -> tuple[torch.Tensor, list[str]]:
+    """A few validation images, one per class first, as the models' input tensors, with captions."""
+    val = load_splits(report.cfg.data.data, report.cfg.data.val_data).val
+    if val is None:
+        raise ConfigError(f"{report.cfg.data.data}: no validation images to explain")
+    picked: dict[int, int] = {}
+    if val.targets is not None and val.targets.ndim == 1:
+        for index, target in enumerate(val.targets):
+            picked.setdefault(int(target), index)
+    order = (list(picked.values()) + [i for i in range(len(val)) if i not in picked.values()])[:EXPLAINED_IMAGES]
+    transform = eval_transform(img_size)
+    captions = [f"true: {val.classes[int(val.targets[i])]}" if val.targets is not None and val.targets.ndim == 1
+                else Path(val.keys[i]).name for i in order]
+    return torch.stack([transform(val.load(i)) for i in order]), captions
+
+
+def _section_explanations(report: Report) -> str:
+    text = ["## Where the networks look",
+            "Best fine-tuned model of each method on the same validation images. Transformer: attention of the "
+            "class token to each patch in the last block, averaged over heads. CNN: Grad-CAM of the predicted "
+            "class at the last stage. Maps are as coarse as the network's last grid (input / 16 for ViT-*/16 "
+            "patches, input / 32 for ResNets), and a network fine-tuned for a few epochs looks where it looks: "
+            "these are diagnostics, not evidence of clinical relevance."]
+    best = _best_cells(report)
+    for arch, explain, name, what in (("vit", vit_attention_maps, "attention.png", "Transformer attention"),
+                                      ("cnn", grad_cam_maps, "gradcam.png", "CNN Grad-CAM")):
+        cells = [best[(m, arch)] for m in report.cfg.methods if (m, arch) in best]
+        if arch not in report.cfg.archs or not cells:
+            text.append(f"{what}: not run (no {arch} cell finished).")
+            continue
+        if report.cfg.finetune.mode == "knn":
+            text.append(f"{what}: not available for k-NN probes, which have no classification head.")
+            continue
+        text.append(_explanation_figure(report, cells, explain, name, what))
+    return "\n\n".join(text)
+
+
+def _explanation_figure(report: Report, cells: list[Row], explain: Callable[..., np.ndarray], name: str,
+                        what: str) -> str:
+    maps: dict[str, np.ndarray] = {}
+    images = captions = None
+    for row in cells:
+        classifier = load_classifier(report.cell_dir(row), device="cpu")
+        if images is None:
+            images, captions = _validation_images(report, classifier.img_size)
+        maps[f"{METHOD_NAMES[row['method']]} ({row['init']}, {_fraction(row['label_fraction'])})"] = explain(
+            classifier.net, images)
+    path, image = report.figure(name, what)
+    plot_heatmaps(images.permute(0, 2, 3, 1).numpy(), maps, path, captions, what)
+    return f"{what}:\n\n{image}"
+
+
+def _section_reproduce(report: Report) -> str:
+    run_dir = report.run_dir
+    lines = [
+        "## Reproduce",
+        "The whole grid (rerunning it skips finished cells and resumes interrupted ones), then this report:",
+        f"```\ncass experiment --config {run_dir / EXPERIMENT_YAML}\ncass report {run_dir}\n```",
+        "One cell alone: `cass pretrain --config PRETRAIN_CONFIG --out NEW_RUN`, then `cass finetune --config "
+        "FINETUNE_CONFIG --from NEW_RUN --out NEW_MODEL` (the supervised baseline needs only the second; "
+        "without `--from` the fine-tuning starts from this experiment's own pretraining run).",
+        "| cell | macro-F1 | fine-tuning config | pretraining config |", "|---|---|---|---|",
+    ]
+    lines += [f"| {_describe_cell(r)} | {r['macro_f1']:.3f} | `{r['finetune_config']}` | "
+              f"{'`' + r['pretrain_config'] + '`' if r['pretrain_config'] else '-'} |" for r in report.rows]
+    return "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:])
+
+
+def _comparison(report: Report, arch: str, init: str) -> str | None:
+    """One sentence per (network, init): the methods' macro-F1 per fraction and who beat whom."""
+    cells = _groups([r for r in report.main if r["arch"] == arch and r["init"] == init], "method", "label_fraction")
+    fractions = report.cfg.label_fractions
+    means = {m: [_mean_std(r["macro_f1"] for r in cells.get((m, f), []))[0] for f in fractions]
+             for m in report.cfg.methods}
+    if "cass" not in means:
+        return None
+    scores = "; ".join(f"{METHOD_NAMES[m]} " + " / ".join("-" if np.isnan(v) else f"{v:.3f}" for v in values)
+                       for m, values in means.items())
+    columns = " / ".join(map(_fraction, fractions))
+    sentence = f"**{report.network(arch)}, init {init}** (macro-F1 at {columns}): {scores}."
+    for other in (m for m in means if m != "cass"):
+        pairs = [(c, o) for c, o in zip(means["cass"], means[other], strict=True) if not (np.isnan(c) or np.isnan(o))]
+        if pairs:
+            wins = sum(c > o for c, o in pairs)
+            sentence += f" CASS beat {METHOD_NAMES[other]} at {wins} of {len(pairs)} label fractions."
+    return sentence
+
+
+def _section_reading_guide(report: Report) -> str:
+    cfg = report.cfg
+    text = ["## Reading guide"]
+    text += [s for arch in cfg.archs for init in (i.name for i in cfg.inits) if (s := _comparison(report, arch, init))]
+    if len(cfg.seeds) < 2:
+        text.append("One seed only: there is no error estimate, and differences of a few points may be noise.")
+    else:
+        text.append(f"Differences smaller than the standard deviation over the {len(cfg.seeds)} seeds are noise.")
+    threshold = cfg.pretrain.collapse_threshold
+    for run in report.runs:
+        for key, value in run.items():
+            if key.startswith("final_") and key.endswith("_output_std") and value and float(value) < threshold:
+                role = key.removeprefix("final_").removesuffix("_output_std")
+                text.append(
+                    f"**Collapse warning:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs) "
+                    f"ended with {role} output std {float(value):.3f} < {threshold} (1 = healthy): its network emits "
+                    "nearly the same output for every image, so what fine-tuning gains from it comes mostly from its "
+                    "initialisation, not from the self-supervision.")
+    stand_ins = [i for i in cfg.inits if i.name not in ("scratch", "imagenet")]
+    names = ["`scratch` is random initialisation"] + (
+        ["`imagenet` is timm's ImageNet weights"] if any(i.name == "imagenet" for i in cfg.inits) else [])
+    names += [f"`{i.name}` is a stand-in for ImageNet weights (SPEC §1): CNN `{i.cnn_weights}`, Transformer "
+              f"`{i.vit_weights}`" for i in stand_ins]
+    text.append("Initialisations: " + "; ".join(names) + ".")
+    return "\n\n".join(text)
+
+
+def _section_overview(report: Report) -> str:
+    cfg = report.cfg
+    return "\n\n".join([
+        "# CASS experiment report",
+        f"Experiment `{report.run_dir}`: data `{cfg.data.data or 'shipped brain-MRI sample'}`, methods "
+        f"{', '.join(METHOD_NAMES[m] for m in cfg.methods)}, networks {cfg.pretrain.cnn} (CNN) and "
+        f"{cfg.pretrain.vit} (Transformer) at {cfg.pretrain.img_size or 'their default'} px, label fractions "
+        f"{', '.join(map(_fraction, cfg.label_fractions))}, seeds {cfg.seeds}; {len(report.rows)} finished "
+        f"cells. Run on {report.machine()}.",
+    ])
+
+
+SECTIONS = (_section_overview, _section_reading_guide, _section_results, _section_fraction_curves,
+            _section_pretraining_curves, _section_time, _section_robustness, _section_confusion,
+            _section_explanations, _section_reproduce)
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
+th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:0.8em;overflow-x:auto}"""
+
+
+def _html(md_text: str, report_dir: Path) -> str:
+    """The Markdown rendered to one HTML page whose figures are embedded as base64 PNGs."""
+    body = markdown.markdown(md_text, extensions=["tables", "fenced_code"])
+
+    def embed(match: re.Match[str]) -> str:
+        data = base64.b64encode((report_dir / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', embed, body)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>CASS experiment report</title>'
+            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report/report.md`` (figures beside it) and ``report/report.html`` (self-contained)."""
+    report = Report(Path(run_dir))
+    if not report.rows:
+        raise ConfigError(f"{run_dir}: no finished cell in {RESULTS_JSON} yet; run `cass experiment` first")
+    md_text = "\n\n".join(section(report) for section in SECTIONS) + "\n"
+    report_dir = report.figures.parent
+    md_path, html_path = report_dir / "report.md", report_dir / "report.html"
+    atomic_write_text(md_path, md_text)
+    atomic_write_text(html_path, _html(md_text, report_dir))
+    return md_path, html_path

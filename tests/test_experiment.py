@@ -1,0 +1,232 @@
+"""The comparison grid: shared pretraining runs, honest configs, and a resume that redoes nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cass.evaluation.experiment as experiment
+from cass.cli.main import app
+from cass.config import ConfigError, FinetuneConfig, PretrainConfig, from_dict, load_yaml, merge, to_dict
+from cass.evaluation.experiment import (
+    Cell,
+    ExperimentConfig,
+    InitSpec,
+    demo_config,
+    finetune_config,
+    plan,
+    pretrain_config,
+    pretrain_dir,
+    pretrain_run,
+    run_experiment,
+    validate,
+)
+from cass.methods.dino import DINO
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+SMOKE = REPO / "configs" / "experiments" / "smoke.yaml"
+
+
+def tiny_split(shared_data: Path, root: Path, train: int = 8, val: int = 4) -> Path:
+    """A train/val image folder built from the real brain-MRI fixture: ``train`` + ``val`` images per class."""
+    arrays = np.load(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
+    seen: dict[int, int] = {}
+    for image, label in zip(arrays["images"], arrays["labels"], strict=True):
+        n = seen[int(label)] = seen.get(int(label), -1) + 1
+        if n >= train + val:
+            continue
+        folder = root / ("train" if n < train else "val") / str(arrays["classes"][label])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{n}.png")
+    return root
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_committed_configs_load_validate_and_round_trip(path):
+    cfg = load_yaml(ExperimentConfig, path)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    if all(i.name in ("scratch", "imagenet") for i in cfg.inits):  # stand-in weights exist only once trained
+        validate(cfg)
+
+
+def test_committed_configs_cover_the_issue():
+    assert {p.name for p in CONFIGS} >= {"smoke.yaml", "brain_mri_cpu.yaml", "blood_pbc_cpu.yaml", "brain_mri_gpu.yaml"}
+    smoke = load_yaml(ExperimentConfig, SMOKE)
+    assert smoke.methods == ["cass", "dino", "supervised"] and smoke.archs == ["cnn", "vit"]
+    assert smoke.label_fractions == [0.1, 1.0] and len(smoke.seeds) == 2
+    assert smoke.pretrain.epochs == 1 and smoke.pretrain.img_size == 32
+
+
+def test_demo_config_is_a_valid_round_tripping_grid():
+    cfg = demo_config("somewhere")
+    validate(cfg)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    assert cfg.seeds == [0] and cfg.label_fractions == [0.01, 0.1, 1.0]
+    assert set(cfg.methods) == {"cass", "dino", "supervised"}
+
+
+def test_each_pretraining_run_serves_every_cell_that_needs_it():
+    cfg = ExperimentConfig(label_fractions=[0.01, 0.1, 1.0], seeds=[0, 1, 2], sweep_batch_sizes=[8, 16, 32],
+                           sweep_epochs=[2, 5], sweep_label_fractions=[1.0],
+                           pretrain=PretrainConfig(batch_size=16, epochs=5))
+    cells = plan(cfg)
+    assert len(cells) == len(set(cells)) == len({c.name for c in cells})
+    # main grid: 3 methods x 2 archs x 3 fractions x 3 seeds; sweeps: the values other than the base
+    # (8, 32; 2) x 2 self-supervised methods x 2 archs x 1 fraction x 3 seeds
+    assert len(cells) == 3 * 2 * 3 * 3 + 3 * 2 * 2 * 1 * 3
+    runs: dict = {}
+    for cell in cells:
+        runs.setdefault(pretrain_run(cfg, cell), []).append(cell)
+    supervised = runs.pop(None)
+    assert len(supervised) == 2 * 3 * 3 and all(c.batch_size is None for c in supervised)
+    # CASS: one run per (seed, setting) serves both networks; DINO: one per architecture
+    assert sum(r.method == "cass" for r in runs) == 3 * 4 and sum(r.method == "dino" for r in runs) == 2 * 3 * 4
+    base = [r for r in runs if (r.batch_size, r.epochs) == (16, 5)]
+    for run in base:
+        served = runs[run]
+        assert {c.label_fraction for c in served} == {0.01, 0.1, 1.0} and {c.seed for c in served} == {run.seed}
+        assert {c.arch for c in served} == ({"cnn", "vit"} if run.method == "cass" else {run.arch})
+
+    shared = ExperimentConfig(seeds=[3, 4], pretrain_per_seed=False)
+    assert {pretrain_run(shared, c).seed for c in plan(shared) if c.method != "supervised"} == {3}
+
+
+def test_per_cell_options_and_missing_weights_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="pretrain.seed is set per cell"):
+        validate(ExperimentConfig(pretrain=PretrainConfig(seed=3)))
+    with pytest.raises(ConfigError, match="finetune.label_fraction is set per cell"):
+        validate(ExperimentConfig(finetune=FinetuneConfig(label_fraction=0.5)))
+    with pytest.raises(ConfigError, match="methods must be"):
+        validate(ExperimentConfig(methods=["cass", "byol"]))
+    (tmp_path / "cnn.safetensors").touch()
+    with pytest.raises(ConfigError, match="needs vit_weights"):
+        validate(ExperimentConfig(inits=[InitSpec("blood-supervised", cnn_weights=str(tmp_path / "cnn.safetensors"))]))
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ConfigError, match=str(missing)):
+        validate(ExperimentConfig(inits=[InitSpec("blood-supervised", str(missing), str(missing))]))
+    with pytest.raises(ConfigError, match="label fraction"):
+        validate(ExperimentConfig(label_fractions=[10]))
+
+
+def test_stand_in_init_gives_each_network_its_own_weights(tmp_path):
+    cnn, vit = tmp_path / "cnn_model.safetensors", tmp_path / "vit_model.safetensors"
+    cnn.touch()
+    vit.touch()
+    cfg = ExperimentConfig(inits=[InitSpec("blood-supervised", str(cnn), str(vit))], out=str(tmp_path / "exp"))
+    validate(cfg)
+    cass_cell = Cell("cass", "vit", "blood-supervised", 0.1, 0, 16, 100)
+    run = pretrain_run(cfg, cass_cell)
+    pre = pretrain_config(cfg, run)
+    assert (Path(pre.init) / "cnn.safetensors").resolve() == cnn.resolve()
+    assert (Path(pre.init) / "vit.safetensors").resolve() == vit.resolve()
+    assert finetune_config(cfg, cass_cell, pretrain_dir(cfg, run)).source == pre.out
+    supervised = finetune_config(cfg, Cell("supervised", "cnn", "blood-supervised", 0.1, 0, None, None), None)
+    assert supervised.source == str(cnn) and supervised.cnn == cfg.pretrain.cnn
+    assert "blood-supervised" in supervised.out and "blood-supervised" in pre.out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared_data, tmp_path, monkeypatch):
+    """The smoke grid (one seed; two pretraining epochs so a run can die after its first) is interrupted
+    twice: once before a fine-tuning, once inside a DINO pretraining. Rerunning finishes the grid, resumes
+    the pretraining from its checkpoint, and never repeats a finished pretraining or fine-tuning."""
+    data = tiny_split(shared_data, tmp_path / "data")
+    cfg = merge(load_yaml(ExperimentConfig, SMOKE), {
+        "data.data": str(data), "out": str(tmp_path / "exp"), "seeds": [0], "pretrain.epochs": 2,
+        "pretrain.accelerator": "cpu", "finetune.accelerator": "cpu",
+    })
+    calls: dict[str, list] = {"pretrain": [], "finetune": []}
+    fail = {"finetune_call": 3}
+
+    def counted_pretrain(run_cfg, resume=False):
+        calls["pretrain"].append((Path(run_cfg.out).name, resume))
+        return real_pretrain(run_cfg, resume=resume)
+
+    def counted_finetune(ft_cfg, resume=False):
+        if len(calls["finetune"]) + 1 == fail["finetune_call"]:
+            fail["finetune_call"] = 0
+            raise KeyboardInterrupt
+        calls["finetune"].append(Path(ft_cfg.out).name)
+        return real_finetune(ft_cfg, resume=resume)
+
+    real_pretrain, real_finetune = experiment.pretrain, experiment.finetune
+    monkeypatch.setattr(experiment, "pretrain", counted_pretrain)
+    monkeypatch.setattr(experiment, "finetune", counted_finetune)
+
+    def session() -> tuple[list, list]:
+        calls["pretrain"], calls["finetune"] = [], []
+        try:
+            run_experiment(cfg)
+        except KeyboardInterrupt:
+            pass
+        return calls["pretrain"], calls["finetune"]
+
+    cells = [c.name for c in plan(cfg)]
+    assert len(cells) == 12  # 3 methods x 2 archs x 2 fractions x 1 seed
+
+    pre1, ft1 = session()  # dies before the third fine-tuning
+    assert pre1 == [("cass_scratch_bs16_ep2_seed0", False)] and ft1 == cells[:2]
+
+    dino_steps = {"n": 0}
+    real_forward = DINO.forward
+
+    def dies_in_epoch_two(self, images, progress):
+        dino_steps["n"] += 1
+        if dino_steps["n"] == 3:  # 32 images / batch 16 = 2 steps per epoch: the first step of epoch 2
+            raise KeyboardInterrupt
+        return real_forward(self, images, progress)
+
+    monkeypatch.setattr(DINO, "forward", dies_in_epoch_two)
+    pre2, ft2 = session()  # finishes the CASS cells, then dies inside the first DINO pretraining
+    assert pre2 == [("dino-cnn_scratch_bs16_ep2_seed0", False)] and ft2 == cells[2:4]
+    dino_run = Path(cfg.out) / "pretrain" / "dino-cnn_scratch_bs16_ep2_seed0"
+    first_epoch = read_csv(dino_run / "metrics.csv")
+    assert [r["epoch"] for r in first_epoch] == ["1"]
+
+    monkeypatch.setattr(DINO, "forward", real_forward)
+    pre3, ft3 = session()
+    assert pre3 == [("dino-cnn_scratch_bs16_ep2_seed0", True), ("dino-vit_scratch_bs16_ep2_seed0", False)]
+    assert ft3 == cells[4:]
+    resumed = read_csv(dino_run / "metrics.csv")
+    assert [r["epoch"] for r in resumed] == ["1", "2"] and resumed[0] == first_epoch[0]  # epoch 1 not redone
+
+    assert session() == ([], [])  # a finished experiment reruns nothing
+    rows = json.loads((Path(cfg.out) / "results.json").read_text())
+    assert [Path(r["finetune_dir"]).name for r in rows] == cells
+    for row in rows:
+        assert 0 <= row["macro_f1"] <= 1 and 0 <= row["balanced_accuracy"] <= 1
+        assert row["finetune_time_s"] > 0 and Path(row["finetune_config"]).is_file()
+        if row["method"] == "supervised":
+            assert row["pretrain_time_s"] is None and row["pretrain_config"] is None
+        else:
+            assert row["pretrain_time_s"] > 0 and Path(row["pretrain_config"]).is_file()
+    assert {(r["method"], r["arch"], r["label_fraction"]) for r in rows} == {
+        (m, a, f) for m in ("cass", "dino", "supervised") for a in ("cnn", "vit") for f in (0.1, 1.0)}
+    assert [r["labelled_images"] for r in rows[:2]] == [4, 32]  # 10 % of 8 per class rounds to 1 per class
+    table = read_csv(Path(cfg.out) / "results.csv")
+    assert len(table) == 12 and {"macro_f1", "auroc", "f1_glioma", "pretrain_batch_size", "seed"} <= set(table[0])
+    runs = read_csv(Path(cfg.out) / "pretraining.csv")
+    assert sorted((r["method"], r["arch"], r["epochs_done"]) for r in runs) == [
+        ("cass", "cnn+vit", "2"), ("dino", "cnn", "2"), ("dino", "vit", "2")]
+
+    # The CLI on the saved experiment.yaml is "the same command": it skips everything.
+    result = CliRunner().invoke(app, ["experiment", "--config", str(Path(cfg.out) / "experiment.yaml")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done, skipped") == 12 and calls == {"pretrain": [], "finetune": []}
+
+    # Changing a setting of finished cells is refused instead of silently mixing two experiments.
+    changed = merge(cfg, {"finetune.lr": 1e-2})
+    with pytest.raises(ConfigError, match=r"different configuration .*\(lr: 0.0003 -> 0.01\)"):
+        run_experiment(changed)
