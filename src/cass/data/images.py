@@ -80,6 +80,8 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 def array_to_rgb(array: np.ndarray, name: str) -> Image.Image:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array as 8-bit RGB, by the rules of :func:`decode_image`."""
+    if array.size == 0:
+        raise BadImageError(f"{name}: pixel array of shape {array.shape} holds no pixels")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
@@ -117,6 +119,8 @@ def _decode_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
         return _to_rgb(img, name)
     except BadImageError:
         raise
+    except Image.UnidentifiedImageError as err:
+        raise BadImageError(f"{name}: not an image (no format PIL reads recognises its content)") from err
     except Image.DecompressionBombError as err:
         raise BadImageError(f"{name}: exceeds PIL's decompression-bomb limit ({err})") from err
     except Exception as err:
@@ -139,10 +143,16 @@ def _grey_to_rgb(values: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(values).convert("RGB")
 
 
-def _minmax_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
-    values = values.astype(np.float64)
+def _finite(values: np.ndarray, name: str, what: str = "pixel values") -> np.ndarray:
+    """NaN or infinity would silently become arbitrary 8-bit values, so they are refused."""
+    values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).all():
-        raise BadImageError(f"{name}: pixel values include NaN or infinity")
+        raise BadImageError(f"{name}: {what} include NaN or infinity")
+    return values
+
+
+def _minmax_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+    values = _finite(values, name)
     low, high = values.min(), values.max()
     if high == low:
         return np.zeros(values.shape, dtype=np.uint8)
@@ -178,10 +188,11 @@ def _dicom_to_rgb(ds: Dataset, name: str, max_pixels: int) -> Image.Image:
 
 def _dicom_grey(ds: Dataset, pixels: np.ndarray, name: str) -> np.ndarray:
     """Stored values -> modality values (e.g. Hounsfield units) -> 0..255 through the window."""
-    values = apply_modality_lut(pixels, ds)
+    values = _finite(apply_modality_lut(pixels, ds), name, "rescaled pixel values")
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return _minmax_to_uint8(values, name)
-    return np.rint(apply_windowing(values, _window_to_8_bits(ds))).astype(np.uint8)
+    window = f"values windowed by centre {ds.WindowCenter} and width {ds.WindowWidth}"
+    return np.rint(_finite(apply_windowing(values, _window_to_8_bits(ds)), name, window)).astype(np.uint8)
 
 
 def _window_to_8_bits(ds: Dataset) -> Dataset:

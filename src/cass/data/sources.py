@@ -24,7 +24,6 @@ import logging
 import os
 import posixpath
 import re
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,6 +42,9 @@ SPLITS = ("train", "val", "test")
 SAMPLE_NAME = "brain_mri_sample.zip"
 EXAMPLES = 3
 """How many offending entries an error or warning lists."""
+MAX_CLASSES = 100_000
+"""Class indices in arrays must stay below this: a larger one is a damaged file, not a class
+(ImageNet-21k has 21,841), and would otherwise make a list of that many class names."""
 
 
 class DataError(ValueError):
@@ -159,8 +161,8 @@ def _zip_source(path: Path, inner: str, max_pixels: int) -> _Source:
     store = ZipStore(str(path), max_pixels)
     try:
         members = frozenset(i.filename for i in store.archive().infolist() if not i.is_dir())
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{path}: not a readable zip archive ({err})") from err
+    except Exception as err:  # BadZipFile, NotImplementedError (zip version), UnicodeDecodeError (names)...
+        raise DataError(f"{path}: not a readable zip archive ({type(err).__name__}: {err})") from err
     for member in members:
         if _escapes(member):
             raise DataError(f"{path}: member {member!r} escapes the archive's root; refusing the archive")
@@ -356,7 +358,7 @@ class _Csv(_Source):
 
     def _rows(self) -> tuple[list[tuple[int, list[str]]], list[str]]:
         """(line number, cells) for each data row, and the stripped header."""
-        reader = csv.reader(io.StringIO(self.tree.read_text(self.file)))
+        reader = csv.reader(io.StringIO(self.tree.read_text(self.file), newline=""))  # any line ending
         try:
             header = [h.strip() for h in next(reader)]
             rows = [(reader.line_num, [c.strip() for c in row]) for row in reader if any(c.strip() for c in row)]
@@ -460,6 +462,8 @@ class _Npz(_Source):
         labels = arrays.get(f"{prefix}labels")
         if labels is None:
             return ImageSet.from_refs(source, store, range(len(images)))
+        if labels.ndim not in (1, 2):
+            raise DataError(f"{self.path}: {prefix}labels has shape {labels.shape}; expected (N,), (N, 1) or (N, C)")
         if len(labels) != len(images):
             raise DataError(f"{self.path}: {len(labels)} {prefix}labels for {len(images)} {prefix}images")
         names = arrays.get(f"{prefix}classes", arrays.get("classes"))
@@ -497,9 +501,12 @@ class _Npz(_Source):
             labels.ndim != 1
             or labels.dtype.kind not in "uifb"
             or (labels < 0).any()
+            or (labels >= MAX_CLASSES).any()
             or (labels != np.rint(labels)).any()
         ):
-            raise DataError(f"{self.path}: {key} must be non-negative integers of shape (N,) or (N, 1)")
+            raise DataError(
+                f"{self.path}: {key} must be non-negative integers below {MAX_CLASSES} of shape (N,) or (N, 1)"
+            )
         return labels.astype(np.int64)
 
     def _class_count(self, arrays: dict[str, np.ndarray]) -> int:
