@@ -92,3 +92,18 @@ def test_plain_weights_load_from_safetensors_and_state_dicts(tmp_path):
     for name in ("w.safetensors", "w.pth"):
         loaded = load_state_dict_file(tmp_path / name)
         assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_tampered_weights_file_is_refused_but_foreign_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cnn.safetensors"
+    save_weights(path, {"w": torch.arange(64, dtype=torch.float32)}, {"role": "cnn"})
+    assert torch.equal(load_state_dict_file(path)["w"], torch.arange(64, dtype=torch.float32))
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="hash mismatch"):
+        load_state_dict_file(path)
+    save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))  # no hash: another tool's file
+    assert torch.equal(load_state_dict_file(tmp_path / "foreign.safetensors")["w"], torch.ones(2))

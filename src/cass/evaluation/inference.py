@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from cass.config import ConfigError
 from cass.data.dataset import ImageSet
@@ -20,6 +19,7 @@ from cass.data.sources import load_splits, open_images
 from cass.evaluation.finetune import KNN_BANK, MODEL, extract_features, fit_knn, knn_logits, read_model_info
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.models.factory import Network, create_network
+from cass.models.weights import load_state_dict_file
 from cass.reporting.plots import plot_confusion_matrix
 from cass.training.checkpoint import atomic_write_text
 
@@ -56,10 +56,10 @@ def load_classifier(model_dir: str | Path, device: str | torch.device | None = N
     knn = info["mode"] == "knn"
     num_outputs = 0 if knn else len(info["classes"])
     net = create_network(info["timm_name"], num_outputs=num_outputs, img_size=info["img_size"])
-    net.model.load_state_dict(load_file(model_dir / MODEL), strict=not knn)
+    net.model.load_state_dict(load_state_dict_file(model_dir / MODEL), strict=not knn)
     bank = None
     if knn:
-        bank = load_file(model_dir / KNN_BANK)
+        bank = load_state_dict_file(model_dir / KNN_BANK)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], bank, device)
 

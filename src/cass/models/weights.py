@@ -10,10 +10,9 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
-from cass.training.checkpoint import CheckpointError
+from cass.training.checkpoint import CheckpointError, verify_weights
 
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -25,9 +24,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+                state = {name: fh.get_tensor(name) for name in fh.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        verify_weights(path, state, metadata)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -148,6 +148,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], info: dict[str, str] | None = None) -> None:
-    """Atomically write plain weights (a timm state dict) that any safetensors reader can load."""
+    """Atomically write plain weights (a timm state dict) that any safetensors reader can load.
+
+    The metadata carry a SHA-256 of the content, checked by :func:`verify_weights` when present.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=info or {}))
+    metadata = dict(info or {})
+    metadata["sha256"] = _content_hash(tensors, metadata)
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def verify_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse a cass weights file whose content no longer matches its stored hash.
+
+    Files written by other tools carry no ``sha256`` and are accepted as they are.
+    """
+    expected = metadata.get("sha256")
+    if expected is None:
+        return
+    rest = {k: v for k, v in metadata.items() if k != "sha256"}
+    if expected != _content_hash(tensors, rest):
+        raise CheckpointError(f"{path}: content hash mismatch: the file is corrupted or was modified")
