@@ -37,6 +37,14 @@ class DataConfig:
     """Skip unreadable images (counted and reported) instead of stopping with an error."""
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Refuse images larger than this many pixels (decompression bombs)."""
+    path: str = "auto"
+    """How training images reach the step (pretraining). ``cache``: decoded once into a memory-mapped uint8
+    file at the training size (in ``cache_dir``) and augmented in batches on the device
+    (:mod:`cass.data.device_augment`); ``pil``: decoded and augmented per image in DataLoader workers every
+    epoch; ``auto``: ``cache`` unless the method's augmentation has a step the device path lacks or the
+    disk has no room for the cache."""
+    cache_dir: str | None = None
+    """Folder of decoded-image caches; None: ``$CASS_CACHE_DIR``, else ``~/.cache/cass``."""
 
 
 @dataclass
@@ -108,6 +116,13 @@ class PretrainConfig:
     accelerator: str = "auto"
     precision: str = "auto"
     """``auto`` = bf16 autocast on GPU, fp32 on CPU; or any Lightning precision string."""
+    channels_last: bool = True
+    """On CUDA, keep weights and input images in channels-last layout (faster convolutions); no effect elsewhere."""
+    compile: bool = False
+    """``torch.compile`` each network in place (checkpoints keep their names); the first steps are slow."""
+    cuda_graphs: bool = False
+    """CUDA only: compile with ``mode="reduce-overhead"`` so each network's forward and backward replay as
+    CUDA graphs; for the small batches (8-32) CASS is meant for, whose steps are bound by kernel launches."""
     on_nonfinite_loss: str = "stop"
     """``stop`` (keep the last good checkpoint and exit with a message) or ``skip`` (drop that step, count it)."""
     collapse_threshold: float = 0.1

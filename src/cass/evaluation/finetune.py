@@ -160,7 +160,7 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
     train_loader = _loader(labelled, cass_augmentation(net.input_size), cfg.batch_size, cfg.seed, True, cfg.data.num_workers)
     val_loader = _loader(val, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, cfg.data.num_workers)
     total_steps = cfg.epochs * len(train_loader)
-    optimizer = Adam(params, lr=cfg.lr)
+    optimizer = Adam(params, lr=cfg.lr, fused=True)
     scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
     weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
     loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)

@@ -304,7 +304,7 @@ class DINO(PretrainMethod):
             {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
         ]
         lr = peak_lr(self.cfg)
-        self._optimizer = AdamW(groups, lr=lr)
+        self._optimizer = AdamW(groups, lr=lr, fused=True)  # fused kernels on CPU and GPU
         warmup_steps = min(d.warmup_epochs * total_steps // self.cfg.epochs, total_steps // 2)
         schedule = cosine_lambda(total_steps, lr, self.cfg.min_lr, warmup_steps)
         return [self._optimizer], [LambdaLR(self._optimizer, schedule)]

@@ -9,17 +9,26 @@ loggers, without a home-made launcher.
 Determinism: the order of images depends only on (seed, epoch) and each image's augmentation on
 (seed, epoch, index), so a resumed run, a run with more workers and a DDP run with the same global batch
 all see the same data.
+
+Speed (SPEC §4): by default the images are decoded once into a memory-mapped uint8 cache and augmented
+in batches on the device (:mod:`cass.data.cache`, :mod:`cass.data.device_augment`; ``data.path``);
+on CUDA the networks are channels-last with fused optimisers and bf16 autocast, and nothing in the
+step waits for the device (the progress bar shows a loss copied without blocking). ``compile`` and
+``cuda_graphs`` add ``torch.compile`` and CUDA-graph replay. :class:`Stepper` is the one training step,
+shared with ``cass bench``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +43,14 @@ from tqdm.auto import tqdm
 
 import cass
 from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
-from cass.data.dataset import ImageDataset
+from cass.data.cache import CacheError, cache_fits, default_cache_dir, open_cache
+from cass.data.dataset import ImageDataset, ImageSet
+from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
+from cass.data.images import BadImageError
 from cass.data.sources import load_splits
-from cass.methods.base import PretrainMethod, Progress
+from cass.methods.base import PretrainMethod, Progress, StepOutput
 from cass.methods.registry import create_method
+from cass.models.factory import Network
 from cass.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
 from cass.training.diagnostics import CollapseMonitor, collapse_warnings
 
@@ -68,15 +81,17 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def make_fabric(run_dir: Path, accelerator: str, precision: str, devices: int = 1, num_nodes: int = 1) -> Fabric:
-    """A launched Fabric (DDP when several processes), logging to TensorBoard in the run directory."""
+def make_fabric(
+    run_dir: Path | None, accelerator: str, precision: str, devices: int = 1, num_nodes: int = 1
+) -> Fabric:
+    """A launched Fabric (DDP when several processes), logging to TensorBoard in the run directory if any."""
     fabric = Fabric(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
         strategy="ddp" if devices * num_nodes > 1 else "auto",
         precision=resolve_precision(precision, accelerator),
-        loggers=[TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")],
+        loggers=[TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="")] if run_dir else [],
     )
     fabric.launch()
     return fabric
@@ -100,7 +115,181 @@ def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric) -> D
         num_workers=cfg.data.num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.data.num_workers > 0,  # no worker start-up per epoch; the epoch is shared memory
     )
+
+
+DATA_PATHS = ("auto", "pil", "cache")
+
+
+def _as_loaded(views: Any) -> Any:
+    return views
+
+
+@dataclass
+class TrainData:
+    """The training images as batches, and what turns a batch on the device into the method's views."""
+
+    dataset: ImageDataset
+    loader: DataLoader
+    augment: Callable[[Any], Any]
+    """Applied after the batch reaches the device: the batched augmentation of the cache path, else nothing."""
+    path: str
+    """``cache`` or ``pil``: the data path in use."""
+
+
+def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> TrainData:
+    """The training split through the data path ``cfg.data.path`` chooses (the same in every process)."""
+    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
+    augment = _device_augment(cfg, method, splits.train)
+    if fabric.broadcast(augment is not None):  # free disk space may differ between nodes; rank 0 decides
+        augment = augment or DeviceAugment(method.train_transform(), method.img_size)
+        # Building a cache draws from torch's RNG (its DataLoader): whether this run built it must not matter.
+        with torch.random.fork_rng(devices=[]):
+            cache = open_cache(
+                splits.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
+            )
+        dataset = ImageDataset(cache.images, augment.host, seed=cfg.seed)
+        return TrainData(dataset, make_loader(dataset, cfg, fabric), augment, "cache")
+    train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
+    dataset = ImageDataset(train_images, method.train_transform(), seed=cfg.seed)
+    return TrainData(dataset, make_loader(dataset, cfg, fabric), _as_loaded, "pil")
+
+
+def _device_augment(cfg: PretrainConfig, method: PretrainMethod, images: ImageSet) -> DeviceAugment | None:
+    """The method's augmentation for the cache path, or None for the PIL path (``auto`` logs why)."""
+    choice = cfg.data.path
+    if choice not in DATA_PATHS:
+        raise ConfigError(f"data.path must be one of {', '.join(DATA_PATHS)}, got {choice!r}")
+    if choice == "pil":
+        return None
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    try:
+        augment = DeviceAugment(method.train_transform(), method.img_size)
+        if choice == "cache" or cache_fits(images, method.img_size, cache_dir):
+            return augment
+        reason = f"no room for a {len(images)}-image cache in {cache_dir}"
+    except (UnsupportedAugmentation, CacheError, BadImageError) as err:
+        if choice == "cache":
+            raise ConfigError(f"data.path cache: {err}") from err
+        reason = str(err)
+    log.info("data.path auto: using the PIL path (%s)", reason)
+    return None
+
+
+def prepare_model(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> Any:
+    """The method on its device (DDP-wrapped when several processes), before its optimisers are made.
+
+    Optimisers come after so that they see where the parameters live (fused kernels on CUDA).
+    """
+    on_cuda = fabric.device.type == "cuda"
+    if cfg.cuda_graphs and not on_cuda:
+        raise ConfigError(f"cuda_graphs needs a CUDA device; this run is on {fabric.device.type}")
+    if fabric.world_size > 1 and on_cuda:
+        # Batch statistics over the global batch, as on one device (PyTorch's SyncBatchNorm is GPU-only;
+        # on CPU processes BatchNorm sees the per-process batch).
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if cfg.channels_last and on_cuda:
+        method.to(memory_format=torch.channels_last)
+    return fabric.setup_module(method)
+
+
+def compile_networks(cfg: PretrainConfig, method: PretrainMethod) -> None:
+    """``torch.compile`` every network in place (state-dict names unchanged), if ``compile``/``cuda_graphs`` ask.
+
+    Runs after SWA has copied the networks: a copy of a compiled module would still call the original.
+    """
+    if cfg.compile or cfg.cuda_graphs:
+        for module in method.modules():
+            if isinstance(module, Network):
+                module.compile(mode="reduce-overhead" if cfg.cuda_graphs else None)
+
+
+@dataclass
+class Stepper:
+    """One optimiser step of a prepared method: what the epoch loop and ``cass bench`` both run.
+
+    Nothing here waits for the device, except the opt-in ``skip_nonfinite`` check.
+    """
+
+    fabric: Fabric
+    model: Any
+    """The Fabric-wrapped method (from :func:`prepare_model`)."""
+    method: PretrainMethod
+    optimizers: list[Any]
+    schedulers: list[Any]
+    channels_last: bool = False
+    cuda_graphs: bool = False
+    skip_nonfinite: bool = False
+
+    @classmethod
+    def for_config(cls, cfg: PretrainConfig, fabric: Fabric, model: Any, method: PretrainMethod,
+                   optimizers: list[Any], schedulers: list[Any]) -> Stepper:
+        """The step of a run: ``optimizers`` are the method's own, set up with Fabric here."""
+        wrapped = fabric.setup_optimizers(*optimizers)
+        wrapped = list(wrapped) if isinstance(wrapped, (list, tuple)) else [wrapped]
+        on_cuda = fabric.device.type == "cuda"
+        return cls(fabric, model, method, wrapped, schedulers, channels_last=cfg.channels_last and on_cuda,
+                   cuda_graphs=cfg.cuda_graphs, skip_nonfinite=cfg.on_nonfinite_loss == "skip")
+
+    def __call__(self, views: Any, progress: Progress) -> StepOutput | None:
+        """Train on one batch of views (on the device); None when a non-finite loss was skipped."""
+        if self.channels_last:
+            views = _channels_last(views)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.model(views, progress)
+        if self.skip_nonfinite:  # a host sync per step, only in this opt-in mode; all processes agree
+            bad = self.fabric.all_reduce((~torch.isfinite(out.loss.detach())).float(), reduce_op="sum")
+            if bad > 0:
+                return None
+        self.fabric.backward(out.loss)
+        self.method.before_optimizer_step(progress)
+        for opt in self.optimizers:
+            opt.step()
+        for sched in self.schedulers:
+            sched.step()
+        self.method.after_optimizer_step(progress)
+        if self.cuda_graphs:  # graph outputs are overwritten by the next replay; the diagnostics keep some
+            out = dataclasses.replace(
+                out,
+                outputs={k: v.clone() for k, v in out.outputs.items()},
+                features={k: v.clone() for k, v in out.features.items()},
+            )
+        return out
+
+
+def _channels_last(views: Any) -> Any:
+    if isinstance(views, (list, tuple)):
+        return [_channels_last(v) for v in views]
+    return views.contiguous(memory_format=torch.channels_last)
+
+
+class LossDisplay:
+    """The loss for the progress bar, read without waiting for the device.
+
+    On CUDA each refresh starts a non-blocking copy and shows the last copy that has landed (a few
+    steps old); elsewhere reading it costs nothing extra.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.text = "..."
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def __call__(self, loss: torch.Tensor) -> str:
+        if self.device.type != "cuda":
+            return f"{loss.item():.4f}"
+        if self._pending is not None and self._pending[1].query():
+            self.text = f"{float(self._pending[0]):.4f}"
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+        return self.text
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,7 +308,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory allocated on a CUDA device since its last reset; elsewhere the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -195,24 +385,21 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there yet (the first epoch never finished)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
     fabric = make_fabric(run_dir, cfg.accelerator, cfg.precision, cfg.devices, cfg.num_nodes)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
-    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
-    train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
-    dataset = ImageDataset(train_images, method.train_transform(), seed=cfg.seed)
-    loader = make_loader(dataset, cfg, fabric)
-    sampler = loader.sampler
-    steps_per_epoch = len(loader)
-
-    if fabric.world_size > 1 and fabric.device.type == "cuda":
-        # Batch statistics over the global batch, as on one device (PyTorch's SyncBatchNorm is GPU-only;
-        # on CPU processes BatchNorm sees the per-process batch).
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    optimizers, schedulers = method.configure_optimizers(steps_per_epoch * cfg.epochs)
     if cfg.swa and method.views_per_image > 1:
         raise ConfigError(f"--swa is supported for single-view methods (cass), not {cfg.method}")
+    data = build_train_data(cfg, method, fabric)
+    sampler = data.loader.sampler
+    steps_per_epoch = len(data.loader)
+
+    model = prepare_model(cfg, method, fabric)
+    optimizers, schedulers = method.configure_optimizers(steps_per_epoch * cfg.epochs)
     swa = SWA(method.networks(), int(cfg.swa_start * cfg.epochs)) if cfg.swa else None
+    compile_networks(cfg, method)
 
     state = TrainState()
     if resume:
@@ -221,52 +408,35 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     if fabric.is_global_zero:
         save_yaml(cfg, run_dir / CONFIG)
 
-    model = fabric.setup_module(method)
-    fabric_optimizers = fabric.setup_optimizers(*optimizers)
-    if not isinstance(fabric_optimizers, (list, tuple)):
-        fabric_optimizers = [fabric_optimizers]
+    step = Stepper.for_config(cfg, fabric, model, method, optimizers, schedulers)
     # Not fabric.setup_dataloaders: its wrapper calls sampler.set_epoch with its own counter, which
     # restarts at 0 after a resume and would replay the first epoch's order.
     metrics = MetricsFile(run_dir / METRICS, state.epoch) if fabric.is_global_zero else None
     monitor = CollapseMonitor(cfg.diagnostics_samples)
+    show_loss = LossDisplay(fabric.device)
 
-    if cfg.on_nonfinite_loss not in ("stop", "skip"):
-        raise ConfigError(f"on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
-    skip_nonfinite = cfg.on_nonfinite_loss == "skip"
     for epoch in range(state.epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        data.dataset.set_epoch(epoch)
         if fabric.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(fabric.device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=fabric.device)
         skipped = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero, leave=False,
-                   file=sys.stdout, dynamic_ncols=True)
+        bar = tqdm(data.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero,
+                   leave=False, file=sys.stdout, dynamic_ncols=True)
         for i, (views, _targets, _index) in enumerate(bar):
-            views = fabric.to_device(views)
             progress = Progress(epoch=epoch, step=state.step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-            for opt in fabric_optimizers:
-                opt.zero_grad(set_to_none=True)
-            out = model(views, progress)
-            if skip_nonfinite:  # a host sync per step, only in this opt-in mode; all processes agree
-                bad = fabric.all_reduce((~torch.isfinite(out.loss.detach())).float(), reduce_op="sum")
-                if bad > 0:
-                    skipped += 1
-                    continue
-            fabric.backward(out.loss)
-            method.before_optimizer_step(progress)
-            for opt in fabric_optimizers:
-                opt.step()
-            for sched in schedulers:
-                sched.step()
-            method.after_optimizer_step(progress)
+            out = step(data.augment(fabric.to_device(views)), progress)
+            if out is None:
+                skipped += 1
+                continue
             state.step += 1
             loss_sum += out.loss.detach()
             monitor.update(out.outputs, out.features)
-            if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:  # the only host syncs of the loop
+            if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{out.loss.item():.4f}", img_s=f"{(i + 1) * cfg.batch_size / elapsed:.1f}")
+                bar.set_postfix(loss=show_loss(out.loss), img_s=f"{(i + 1) * cfg.batch_size / elapsed:.1f}")
         bar.close()
         epoch_time = time.perf_counter() - start
         done = steps_per_epoch - skipped
@@ -290,13 +460,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             "epoch_time_s": epoch_time,
             "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "device_time_s": epoch_time * fabric.world_size,
-            "peak_memory_mb": _peak_memory_mb(fabric.device),
+            "peak_memory_mb": peak_memory_mb(fabric.device),
         }
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
         _report_epoch(fabric, row, cfg)
         if state.epoch == cfg.epochs and swa is not None:
-            for role, averaged in swa.models.items():
-                update_bn(loader, averaged, device=fabric.device)
+            for averaged in swa.models.values():
+                update_bn((data.augment(fabric.to_device(views)) for views, _, _ in data.loader), averaged)
         if fabric.is_global_zero:
             metrics.append(row)
             _save(run_dir, cfg, method, optimizers, schedulers, swa, state)
@@ -325,7 +495,11 @@ def _save(
     swa: SWA | None,
     state: TrainState,
 ) -> None:
-    """Full checkpoint first, then the plain per-network weights (SWA-averaged once SWA ran)."""
+    """The plain per-network weights (SWA-averaged once SWA ran), then the full checkpoint.
+
+    The checkpoint is the commit point: a run killed before it is written redoes the epoch and
+    rewrites the same weights; written last, it never describes weights that are not yet on disk.
+    """
     info = {"cass_version": cass.__version__, "config": (run_dir / CONFIG).read_text(), "method": cfg.method}
     full = {
         "method": method.state_dict(),
@@ -336,7 +510,6 @@ def _save(
         "train": {"epoch": state.epoch, "step": state.step},
         "rng": _rng_state(),
     }
-    save_checkpoint(run_dir / CHECKPOINT, full, info)
     use_swa = swa is not None and state.epoch > swa.start_epoch
     for role, net in method.networks().items():
         weights = swa.models[role].module if use_swa else net
@@ -345,6 +518,19 @@ def _save(
             weights.model.state_dict(),
             {**info, "role": role, "timm_name": net.name, "epoch": str(state.epoch), "swa": str(use_swa)},
         )
+    save_checkpoint(run_dir / CHECKPOINT, full, info)
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored state tensors their parameter's strides (channels-last weights on CUDA).
+
+    Checkpoints hold contiguous tensors, while fused and foreach optimiser kernels walk a parameter and
+    its state as the same flat memory.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _restore(
@@ -362,6 +548,7 @@ def _restore(
     method.load_extra_state(saved["extra"])
     for opt, opt_state in zip(optimizers, saved["optimizers"], strict=True):
         opt.load_state_dict(opt_state)
+        _match_parameter_layout(opt)
     for sched, sched_state in zip(schedulers, saved["schedulers"], strict=True):
         sched.load_state_dict(sched_state)
     if swa is not None and saved["swa"] is not None:
