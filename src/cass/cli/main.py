@@ -254,6 +254,15 @@ def demo(out: Annotated[str, Opt(help="Where the demo writes its runs (rerun to 
     typer.echo(f"\nreport: {html_path}")
 
 
+def _register_bench() -> None:
+    from cass.cli.bench import bench
+
+    app.command(name="bench")(friendly_errors(bench))
+
+
+_register_bench()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
