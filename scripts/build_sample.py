@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import zipfile
 from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO.parent / "shared" / "data" / "brain-tumor-mri-224" / "brain_tumor_mri_224_dev.zip"
+SHARED_DATA = Path(os.environ.get("CASS_SHARED_DATA", REPO.parent / "shared" / "data"))
+SOURCE = SHARED_DATA / "brain-tumor-mri-224" / "brain_tumor_mri_224_dev.zip"
 OUT = REPO / "src" / "cass" / "sample" / "brain_mri_sample.zip"
 COMMAND = "python scripts/build_sample.py"
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
