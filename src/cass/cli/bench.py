@@ -15,7 +15,7 @@ Opt = typer.Option
 
 
 def bench(
-    method: Annotated[list[str] | None, Opt(help="Method to time: cass, dino (repeat the option; default both).")] = None,
+    method: Annotated[list[str] | None, Opt(help="Method to time: cass, dino (repeat; default both).")] = None,
     batch_size: Annotated[list[int] | None, Opt(help="Global batch size (repeat; default 16 and 64).")] = None,
     mode: Annotated[list[str] | None, Opt(help="model-only, end-to-end (repeat; default both).")] = None,
     cnn: Annotated[str, Opt(help="timm CNN of CASS (and of DINO with --arch cnn).")] = "resnet50",
@@ -30,11 +30,13 @@ def bench(
     warmup: Annotated[int, Opt(help="Untimed steps first (compilation, caches, workers).")] = 5,
     accelerator: Annotated[str, Opt(help="auto, cpu or gpu.")] = "auto",
     precision: Annotated[str, Opt(help="auto (bf16 on GPU, fp32 on CPU) or a Lightning precision.")] = "auto",
-    channels_last: Annotated[bool, Opt("--channels-last/--no-channels-last", help="Channels-last layout on CUDA.")] = True,
+    channels_last: Annotated[bool, Opt("--channels-last/--no-channels-last", help="Channels-last on CUDA.")] = True,
     compile: Annotated[bool, Opt("--compile/--no-compile", help="torch.compile the networks.")] = False,
     cuda_graphs: Annotated[bool, Opt("--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (CUDA only).")] = False,
-    paper: Annotated[bool, Opt("--paper/--no-paper", help="Add the paper's configuration (resnet50 + vit_base_patch16_384, 384 px, fp32, batch 16) as a reference row; slow on a CPU.")] = True,
-    config: Annotated[Path | None, Opt("--config", help="YAML pretraining config for everything else (e.g. DINO options).")] = None,
+    paper: Annotated[bool, Opt("--paper/--no-paper", help=(
+        "Add the paper's configuration (resnet50 + vit_base_patch16_384, 384 px, fp32, eager, batch 16) as a "
+        "reference row; slow on a CPU."))] = True,
+    config: Annotated[Path | None, Opt("--config", help="YAML pretraining config for the rest (e.g. DINO).")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """Time pretraining steps of CASS and DINO: img/s, step time and peak memory, model-only and end-to-end."""

@@ -4,12 +4,12 @@ The PIL path (:class:`cass.data.dataset.ImageDataset` + the method's torchvision
 a DataLoader worker about a millisecond per image per view; a GPU step wants thousands of images per
 second. Here the same transform object is split in two:
 
-* **host** (where the image is read, per image): the transform's own control flow is run on a
-  stand-in image with every leaf's ``transform`` replaced by a recorder, under the dataset's
-  (seed, epoch, index) seeding. That draws exactly the random numbers the PIL path draws (same
-  ``RandomApply`` coins, same ``make_params``, same order), without touching pixels. Steps that
-  change the image's size (``RandomResizedCrop``) then run for real, with torchvision's tensor
-  kernel, on the cached uint8 image; the rest become one row of numbers per step.
+* **host** (where the image is read, per image): under the dataset's (seed, epoch, index) seeding,
+  the transform is called with each of its pipelines replaced by a walk (:func:`_draw`) that draws
+  exactly the random numbers the PIL path draws (same ``RandomApply`` coins, same ``make_params``,
+  same order) without touching pixels. Steps that change the image's size (``RandomResizedCrop``)
+  then run for real, with torchvision's tensor kernel, on the cached uint8 image; every other step
+  becomes one row of numbers.
 * **device** (per batch): each remaining step runs once over the whole batch with per-image
   parameters, and the images whose step did not fire keep their values (a blend weight of 0), so
   the host never needs to know which images fired and the device never waits for the host.
@@ -195,7 +195,8 @@ class _ColorJitter(DeviceOp):
         factor = torch.gather(p[:, 4:7], 1, p[:, r : r + 1].long().clamp(max=2)).view(-1)
         if 1 in self.blends or 2 in self.blends:
             grey = _grey(x)
-            other = torch.where(kind == 1, grey.mean(dim=(-3, -2, -1), keepdim=True), torch.where(kind == 2, grey, 0.0))
+            mean_grey = grey.mean(dim=(-3, -2, -1), keepdim=True)
+            other = torch.where(kind == 1, mean_grey, torch.where(kind == 2, grey, 0.0))
         else:
             other = torch.zeros((), device=x.device)
         return _blend(x, other, factor)
