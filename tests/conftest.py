@@ -18,3 +18,9 @@ def shared_data() -> Path:
     """The real datasets of the project; tests fail (not skip) when they are missing."""
     assert (SHARED_DATA / "mini-cpu").is_dir(), f"real test data not found at {SHARED_DATA} (set CASS_SHARED_DATA)"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _image_cache_dir(tmp_path_factory) -> None:
+    """Decoded-image caches of the test runs go to a temporary folder, not the user's ~/.cache/cass."""
+    os.environ.setdefault("CASS_CACHE_DIR", str(tmp_path_factory.mktemp("cass-cache")))

@@ -92,6 +92,11 @@ def pretrain(
     precision: Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU) or a Lightning precision.")] = None,
     num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
     skip_bad_images: Annotated[bool | None, Opt("--skip-bad-images/--stop-on-bad-images", help="Skip unreadable images (counted) instead of stopping.")] = None,
+    data_path: Annotated[str | None, Opt(help="auto (default), cache or pil: how training images are loaded.")] = None,
+    cache_dir: Annotated[str | None, Opt(help="Folder of decoded-image caches (default ~/.cache/cass).")] = None,
+    channels_last: Annotated[bool | None, Opt("--channels-last/--no-channels-last", help="Channels-last on CUDA (default on).")] = None,
+    compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile the networks.")] = None,
+    cuda_graphs: Annotated[bool | None, Opt("--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (CUDA only).")] = None,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory (other options override its config).")] = None,
 ) -> None:
     """Self-supervised pretraining (CASS by default) on unlabeled images."""
@@ -103,6 +108,8 @@ def pretrain(
         cnn_weights=cnn_weights, vit_weights=vit_weights, img_size=img_size, batch_size=batch_size, epochs=epochs,
         lr=lr, swa=swa, seed=seed, out=out, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
         precision=precision, data__num_workers=num_workers, data__skip_bad_images=skip_bad_images,
+        data__path=data_path, data__cache_dir=cache_dir, channels_last=channels_last, compile=compile,
+        cuda_graphs=cuda_graphs,
     )
     if resume is not None:
         cfg = load_run_config(resume, overrides)
