@@ -17,8 +17,9 @@ from PIL import Image
 
 from cass.data import BadImageError, open_images
 from cass.data import cache as cache_module
-from cass.data.cache import CacheStore, cache_fits, cache_key, cache_resize, open_cache
-from cass.data.transforms import cass_augmentation
+from cass.config import ConfigError, DataConfig
+from cass.data.cache import CacheStore, cache_fits, cache_key, cache_resize, open_cache, readable_images
+from cass.data.transforms import cass_augmentation, eval_transform
 
 SIZE = 32
 
@@ -194,3 +195,22 @@ def test_cache_fits_needs_room_unless_it_exists(shared_data, tmp_path, monkeypat
     assert not cache_fits(images, SIZE, tmp_path / "new")
     open_cache(images, SIZE, tmp_path / "new")
     assert cache_fits(images, SIZE, tmp_path / "new")
+
+
+@pytest.mark.parametrize("path", ["auto", "cache", "pil"])
+def test_readable_images_give_the_evaluation_pixels_whichever_path(shared_data, tmp_path, path):
+    """Fine-tuning reads through the cache unless told not to; the evaluation transform sees the same pixels."""
+    images = open_images(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
+    data = DataConfig(path=path, cache_dir=str(tmp_path))
+    readable = readable_images(data, images, SIZE)
+    assert isinstance(readable.store, CacheStore) == (path != "pil")
+    assert readable.keys == images.keys
+    evaluate = eval_transform(SIZE)
+    for i in range(0, len(images), 7):
+        torch.testing.assert_close(evaluate(readable.load(i)), evaluate(images.load(i)), rtol=0, atol=0)
+
+
+def test_an_unknown_data_path_is_refused_naming_the_option(shared_data, tmp_path):
+    images = open_images(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
+    with pytest.raises(ConfigError, match="data.path must be one of auto, pil, cache, got 'fast'"):
+        readable_images(DataConfig(path="fast", cache_dir=str(tmp_path)), images, SIZE)

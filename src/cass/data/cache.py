@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from cass.config import ConfigError, DataConfig
 from cass.data.dataset import ArrayStore, FileStore, ImageSet, ZipStore
 from cass.data.images import BadImageError
 from cass.training.checkpoint import atomic_write_text
@@ -142,6 +143,41 @@ def cache_fits(images: ImageSet, size: int, cache_dir: Path) -> bool:
     return cache_bytes(len(images), size) + DISK_RESERVE_BYTES < shutil.disk_usage(existing).free
 
 
+DATA_PATHS = ("auto", "pil", "cache")
+"""``data.path``: ``cache`` forces the uint8 cache, ``pil`` decodes every epoch, ``auto`` caches when it fits."""
+
+
+def wants_cache(data: DataConfig, images: ImageSet, size: int) -> bool:
+    """Whether ``data.path`` sends ``images`` through the cache at ``size`` (``auto`` logs why not)."""
+    if data.path not in DATA_PATHS:
+        raise ConfigError(f"data.path must be one of {', '.join(DATA_PATHS)}, got {data.path!r}")
+    if data.path != "auto":
+        return data.path == "cache"
+    cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    try:
+        if cache_fits(images, size, cache_dir):
+            return True
+        reason = f"no room for a {len(images)}-image cache in {cache_dir}"
+    except (CacheError, BadImageError) as err:
+        reason = str(err)
+    log.info("data.path auto: using the PIL path (%s)", reason)
+    return False
+
+
+def readable_images(data: DataConfig, images: ImageSet, size: int) -> ImageSet:
+    """The readable images of ``images``, read from the cache at ``size`` when ``data.path`` allows.
+
+    Fine-tuning and evaluation transforms begin with the same ``Resize`` the cache applied, which is
+    then a no-op, so both paths feed the network the same pixels up to PIL/tensor colour-jitter rounding.
+    """
+    if wants_cache(data, images, size):
+        try:
+            return open_cache(images, size, data.cache_dir, data.skip_bad_images, data.num_workers).images
+        except CacheError as err:
+            raise ConfigError(f"data.path cache: {err}") from err
+    return images.check(skip_bad=data.skip_bad_images)
+
+
 def open_cache(
     images: ImageSet, size: int, cache_dir: str | Path | None = None, skip_bad: bool = False, num_workers: int = 0
 ) -> ImageCache:
@@ -159,8 +195,11 @@ def open_cache(
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             with _locked(cache_dir / f"{key}.lock"):
-                if not path.is_file():  # another process may have built it while we waited
-                    _build(images, resize, path, num_workers)
+                # another process may have built it while we waited; building draws from torch's RNG
+                # (its DataLoader), and whether this run built the cache must not change its results
+                if not path.is_file():
+                    with torch.random.fork_rng(devices=[]):
+                        _build(images, resize, path, num_workers)
     except OSError as err:
         raise CacheError(f"cannot write the image cache in {cache_dir} ({err}); set data.cache_dir") from err
     bad = json.loads(path.with_suffix(".json").read_text())["unreadable"]

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import cass
 from cass.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, save_yaml
+from cass.data.cache import readable_images
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.sources import DataError, load_splits
 from cass.data.transforms import cass_augmentation, eval_transform
@@ -122,18 +123,18 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     fabric.seed_everything(cfg.seed, verbose=False)
 
     splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
-    train = splits.train.check(skip_bad=cfg.data.skip_bad_images)
     if splits.val is None:
         raise ConfigError("fine-tuning needs validation images: give --val-data, or --data with a val/ split")
-    val = splits.val.check(skip_bad=cfg.data.skip_bad_images)
-    _require_labels(train, "train")
-    _require_labels(val, "validation")
+    _require_labels(splits.train, "train")
+    _require_labels(splits.val, "validation")
+    backbone = resolve_backbone(cfg)
+    net = build_classifier(backbone, len(splits.train.classes))
+    # Decoded once at the network's input size (the cache pretraining at that size built is reused).
+    train = readable_images(cfg.data, splits.train, net.input_size)
+    val = readable_images(cfg.data, splits.val, net.input_size)
     chosen = label_fraction_indices(train.targets, cfg.label_fraction, cfg.seed)
     save_subset(out / "subset.csv", train.keys, chosen)
     labelled = train.subset(chosen)
-
-    backbone = resolve_backbone(cfg)
-    net = build_classifier(backbone, len(train.classes))
     save_yaml(cfg, out / CONFIG)
     info = _model_info(cfg, backbone, net, train)
     fabric.print(f"{cfg.mode} {backbone.role} {backbone.name} from {backbone.init}: {len(labelled)} labelled images "

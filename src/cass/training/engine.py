@@ -43,10 +43,9 @@ from tqdm.auto import tqdm
 
 import cass
 from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
-from cass.data.cache import CacheError, cache_fits, default_cache_dir, open_cache
+from cass.data.cache import open_cache, wants_cache
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
-from cass.data.images import BadImageError
 from cass.data.sources import load_splits
 from cass.methods.base import PretrainMethod, Progress, StepOutput
 from cass.methods.registry import create_method
@@ -119,9 +118,6 @@ def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric) -> D
     )
 
 
-DATA_PATHS = ("auto", "pil", "cache")
-
-
 def _as_loaded(views: Any) -> Any:
     return views
 
@@ -144,11 +140,9 @@ def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric
     augment = _device_augment(cfg, method, splits.train)
     if fabric.broadcast(augment is not None):  # free disk space may differ between nodes; rank 0 decides
         augment = augment or DeviceAugment(method.train_transform(), method.img_size)
-        # Building a cache draws from torch's RNG (its DataLoader): whether this run built it must not matter.
-        with torch.random.fork_rng(devices=[]):
-            cache = open_cache(
-                splits.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
-            )
+        cache = open_cache(
+            splits.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
+        )
         dataset = ImageDataset(cache.images, augment.host, seed=cfg.seed)
         return TrainData(dataset, make_loader(dataset, cfg, fabric), augment, "cache")
     train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
@@ -158,23 +152,15 @@ def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric
 
 def _device_augment(cfg: PretrainConfig, method: PretrainMethod, images: ImageSet) -> DeviceAugment | None:
     """The method's augmentation for the cache path, or None for the PIL path (``auto`` logs why)."""
-    choice = cfg.data.path
-    if choice not in DATA_PATHS:
-        raise ConfigError(f"data.path must be one of {', '.join(DATA_PATHS)}, got {choice!r}")
-    if choice == "pil":
+    if not wants_cache(cfg.data, images, method.img_size):
         return None
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     try:
-        augment = DeviceAugment(method.train_transform(), method.img_size)
-        if choice == "cache" or cache_fits(images, method.img_size, cache_dir):
-            return augment
-        reason = f"no room for a {len(images)}-image cache in {cache_dir}"
-    except (UnsupportedAugmentation, CacheError, BadImageError) as err:
-        if choice == "cache":
+        return DeviceAugment(method.train_transform(), method.img_size)
+    except UnsupportedAugmentation as err:
+        if cfg.data.path == "cache":
             raise ConfigError(f"data.path cache: {err}") from err
-        reason = str(err)
-    log.info("data.path auto: using the PIL path (%s)", reason)
-    return None
+        log.info("data.path auto: using the PIL path (%s)", err)
+        return None
 
 
 def prepare_model(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> Any:
