@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,3 +110,23 @@ def test_tampered_weights_file_is_refused_but_foreign_files_load(tmp_path):
         load_state_dict_file(path)
     save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))  # no hash: another tool's file
     assert torch.equal(load_state_dict_file(tmp_path / "foreign.safetensors")["w"], torch.ones(2))
+
+
+def test_a_dead_writers_temporary_file_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    leftover = tmp_path / f".weights.safetensors.{host}.{int(dead.stdout)}.abc123.tmp"
+    in_progress = tmp_path / f".weights.safetensors.{host}.{os.getppid()}.def456.tmp"
+    other_file = tmp_path / f".other.safetensors.{host}.{int(dead.stdout)}.ghi789.tmp"
+    for path in (leftover, in_progress, other_file):
+        path.write_bytes(b"partial")
+    save_weights(tmp_path / "weights.safetensors", {"w": torch.ones(2)})
+    assert not leftover.exists()
+    assert in_progress.exists() and other_file.exists()
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    save_weights(tmp_path / "weights.safetensors", {"w": torch.ones(2)})
+    assert (tmp_path / "weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # 0644 under umask 022

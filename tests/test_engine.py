@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cass.cli.main import app
-from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig
+from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig, save_yaml
 from cass.methods import METHODS
 from cass.methods.cass import CASS
 from cass.training.engine import pretrain
@@ -132,6 +133,19 @@ def test_cli_pretrain_then_resume_to_more_epochs(shared_data, tmp_path):
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == sorted(lrs, reverse=True)
     assert "epochs: 3" in (out / "config.yaml").read_text()
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_over(shared_data, tmp_path):
+    """Only the config was saved (the run died before its first checkpoint): --resume trains from epoch 1."""
+    cfg = engine_cfg(shared_data, tmp_path / "run", epochs=1)
+    fresh = pretrain(dataclasses.replace(cfg, out=str(tmp_path / "fresh")))
+    (tmp_path / "run").mkdir()
+    save_yaml(cfg, tmp_path / "run" / "config.yaml")
+    result = CliRunner().invoke(app, ["pretrain", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [1]
+    resumed = weights(tmp_path / "run")
+    assert all(torch.equal(resumed[k], v) for k, v in weights(fresh).items())
 
 
 def test_cli_reports_bad_option_without_traceback(tmp_path):

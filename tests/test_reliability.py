@@ -3,8 +3,8 @@
 The crash tests run the real ``cass pretrain`` command in separate processes and SIGKILL them at
 random points: at a random optimiser step, at a random time (start-up, data, a step or a save),
 in the middle of writing a checkpoint or weights file, and right after renaming one into place.
-Each kill is followed by ``--resume`` (or, when no epoch had finished, by the same command
-again), and the final weights must equal, bit for bit, those of a run that was never interrupted.
+Each kill is followed by ``--resume`` (or, when the run died before saving its config, by the same
+command again), and the final weights must equal, bit for bit, those of a run that was never interrupted.
 
 Starting Python with torch, timm and Lightning costs seconds, so the runs are forked from one
 process that paid those imports (:func:`serve`); every run is still its own process, killed by a
@@ -298,8 +298,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
 
 
 def continue_run(runs: Runs, data: Path, run_dir: Path, **kw: Any) -> int:
-    """Resume ``run_dir``, or start it again when it died before its first checkpoint."""
-    argv = ["pretrain", "--resume", str(run_dir)] if (run_dir / CHECKPOINT).exists() else pretrain_args(data, run_dir)
+    """Resume ``run_dir`` (from scratch when no epoch finished), or start it again when it has no config yet."""
+    argv = ["pretrain", "--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else pretrain_args(data, run_dir)
     return runs.run(argv, run_dir.parent / "log.txt", **kw)
 
 
@@ -377,6 +377,7 @@ def test_sigkill_while_writing_the_last_weights_resumes_to_the_same_weights(
     assert continue_run(runs, brain_npz, run_dir, fault=fault) == -signal.SIGKILL
     assert continue_run(runs, brain_npz, run_dir) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     assert_same_weights(reference[0], run_dir)
+    assert not list(run_dir.glob(".*.tmp")), "the killed writer's temporary file was not cleaned up"
 
 
 def test_full_disk_during_a_checkpoint_write_is_a_clear_error(runs: Runs, brain_npz: Path, tmp_path: Path) -> None:

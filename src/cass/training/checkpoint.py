@@ -10,9 +10,11 @@ flushed to disk and renamed over the old one: a crash leaves either the old or t
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +31,53 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file cannot be written or trusted; the message names the file."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+"""What ``open()`` would give a new file; ``mkstemp`` alone makes it private (0600)."""
+
+
+def _temporary_prefix(path: Path, pid: int) -> str:
+    """``.<name>.<host>.<pid>.``: who wrote a temporary file, so a dead writer's leftovers can be removed."""
+    return f".{path.name}.{socket.gethostname()}.{pid}."
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Delete temporary files that a killed process on this host left while writing ``path``.
+
+    Only files of processes that no longer exist are removed: another live writer's file (a second
+    run, or a DDP rank on a shared disk) is never touched.
+    """
+    host_prefix = f".{path.name}.{socket.gethostname()}."
+    for tmp in path.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
+        pid = tmp.name[len(host_prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_writers_files(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path, os.getpid()), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # after writing: safetensors replaces the file it is given
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -368,7 +368,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     if not resume and checkpoint_path.exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     if resume and not checkpoint_path.exists():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT} there yet (the first epoch never finished)")
+        # Killed before its first epoch ended: nothing to restore, so the saved config starts over.
+        log.warning("--resume %s: no %s yet (the first epoch never finished); starting from epoch 1",
+                    run_dir, CHECKPOINT)
+        resume = False
     run_dir.mkdir(parents=True, exist_ok=True)
 
     if cfg.on_nonfinite_loss not in ("stop", "skip"):
