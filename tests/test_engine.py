@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig, save_yaml
 from cass.methods import METHODS
 from cass.methods.cass import CASS
-from cass.training.engine import pretrain
+from cass.training.engine import MetricsFile, pretrain
 from conftest import TINY_CNN, TINY_VIT
 
 
@@ -146,6 +147,20 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_over(shared_data, t
     assert [int(r["epoch"]) for r in read_metrics(tmp_path / "run")] == [1]
     resumed = weights(tmp_path / "run")
     assert all(torch.equal(resumed[k], v) for k, v in weights(fresh).items())
+
+
+def test_disk_full_outside_a_checkpoint_is_one_clear_line(shared_data, tmp_path, monkeypatch):
+    def full_disk(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "metrics.csv"))
+
+    monkeypatch.setattr(MetricsFile, "append", full_disk)
+    args = ["pretrain", "--data", str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), "--cnn", TINY_CNN,
+            "--vit", TINY_VIT, "--img-size", "32", "--epochs", "1", "--out", str(tmp_path / "run"),
+            "--num-workers", "0", "--accelerator", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"error: disk full while writing {tmp_path / 'run' / 'metrics.csv'}" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_reports_bad_option_without_traceback(tmp_path):

@@ -7,6 +7,7 @@ overridden by options the user actually typed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import sys
@@ -54,6 +55,12 @@ def friendly_errors(command: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted: the last finished epoch is saved; rerun with --resume RUN_DIR", err=True)
             raise typer.Exit(130) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            typer.echo(f"error: disk full while writing {err.filename or 'a file'}; the last finished epoch is "
+                       "saved: free some space, then rerun (with --resume RUN_DIR for a run)", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
