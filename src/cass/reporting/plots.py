@@ -51,9 +51,9 @@ def plot_curves(
     xlabel: str,
     ylabel: str = "",
     logx: bool = False,
-    hline: tuple[float, str] | None = None,
+    thresholds: dict[str, tuple[float, str]] | None = None,
 ) -> Path:
-    """Side-by-side panels of labelled lines; ``hline`` = (y, label) marks a threshold in every panel.
+    """Side-by-side panels of labelled lines; ``thresholds[title] = (y, label)`` marks a line in that panel.
 
     One function for label-fraction curves, robustness sweeps and training curves, so they all look alike.
     """
@@ -61,8 +61,9 @@ def plot_curves(
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for label, curve in curves.items():
             ax.errorbar(curve.x, curve.y, yerr=curve.err, marker="o", markersize=4, capsize=3, label=label)
-        if hline is not None:
-            ax.axhline(hline[0], color="tab:red", linestyle="--", linewidth=1, label=hline[1])
+        if thresholds and title in thresholds:
+            y, label = thresholds[title]
+            ax.axhline(y, color="tab:red", linestyle="--", linewidth=1, label=label)
         ticks = sorted({x for curve in curves.values() for x in curve.x})
         if logx:
             ax.set_xscale("log")

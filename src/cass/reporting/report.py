@@ -221,8 +221,9 @@ def _section_pretraining_curves(report: Report) -> str:
     loss_path, loss_image = report.figure("pretraining_loss.png", "pretraining loss per epoch")
     plot_curves(loss, loss_path, "epoch")
     collapse_path, collapse_image = report.figure("collapse.png", "collapse diagnostics per epoch")
-    plot_curves({"output std (1 = healthy, 0 = collapsed)": std, "effective rank of features": rank},
-                collapse_path, "epoch", hline=(threshold, f"collapse warning ({threshold})"))
+    std_title = "output std (1 = healthy, 0 = collapsed)"
+    plot_curves({std_title: std, "effective rank of features": rank}, collapse_path, "epoch",
+                thresholds={std_title: (threshold, f"collapse warning ({threshold})")})
     return "\n\n".join([
         "## Pretraining: loss and collapse",
         "Each method has its own objective, so the losses are not comparable across methods. The collapse "
