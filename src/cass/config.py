@@ -38,11 +38,11 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Refuse images larger than this many pixels (decompression bombs)."""
     path: str = "auto"
-    """How training images reach the step (pretraining). ``cache``: decoded once into a memory-mapped uint8
-    file at the training size (in ``cache_dir``) and augmented in batches on the device
-    (:mod:`cass.data.device_augment`); ``pil``: decoded and augmented per image in DataLoader workers every
-    epoch; ``auto``: ``cache`` unless the method's augmentation has a step the device path lacks or the
-    disk has no room for the cache."""
+    """How images are read. ``cache``: decoded once into a memory-mapped uint8 file at the network's size
+    (in ``cache_dir``), shared by pretraining and fine-tuning; pretraining then augments in batches on the
+    device (:mod:`cass.data.device_augment`); ``pil``: decoded and augmented per image in DataLoader workers
+    every epoch; ``auto``: ``cache`` unless the disk has no room for it (or, in pretraining, the method's
+    augmentation has a step the device path lacks)."""
     cache_dir: str | None = None
     """Folder of decoded-image caches; None: ``$CASS_CACHE_DIR``, else ``~/.cache/cass``."""
 
