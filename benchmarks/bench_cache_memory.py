@@ -18,7 +18,8 @@ from pathlib import Path
 
 from cass.config import DataConfig, PretrainConfig
 from cass.methods.registry import create_method
-from cass.training.engine import build_train_data, make_fabric
+from cass.training.fabric import make_fabric
+from cass.training.pretrain_data import build_train_data
 
 
 def resident_mb() -> dict[str, float]:

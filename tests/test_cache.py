@@ -15,10 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
+from cass.config import ConfigError, DataConfig
 from cass.data import BadImageError, open_images
 from cass.data import cache as cache_module
-from cass.config import ConfigError, DataConfig
-from cass.data.cache import CacheStore, cache_fits, cache_key, cache_resize, open_cache, readable_images
+from cass.data.cache import (
+    CacheStore,
+    cache_fits,
+    cache_key,
+    cache_resize,
+    open_cache,
+    readable_images,
+)
 from cass.data.transforms import cass_augmentation, eval_transform
 
 SIZE = 32

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CNN, TINY_VIT
 
 from cass.config import CassConfig, PretrainConfig
 from cass.methods.base import Progress
 from cass.methods.cass import CASS, cass_loss
-from conftest import TINY_CNN, TINY_VIT
 
 
 def tiny_cfg(**kw) -> PretrainConfig:

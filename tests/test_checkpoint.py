@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from cass.models.weights import load_state_dict_file
-from cass.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
+from cass.utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 
 
 def optimiser_state() -> dict:
@@ -64,7 +69,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cass.training.checkpoint.save_file", disk_full)
+    monkeypatch.setattr("cass.utils.checkpoint.save_file", disk_full)
     with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(path, {"w": torch.ones(3)})
     loaded, _ = load_checkpoint(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CNN, TINY_VIT
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -19,8 +20,8 @@ from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig, save_yaml
 from cass.methods import METHODS
 from cass.methods.cass import CASS
-from cass.training.engine import MetricsFile, pretrain
-from conftest import TINY_CNN, TINY_VIT
+from cass.training.pretrain import pretrain
+from cass.utils.rundir import MetricsFile
 
 
 def engine_cfg(shared_data: Path, out: Path, **kw) -> PretrainConfig:
@@ -210,8 +211,8 @@ def _nan_at_call(monkeypatch, call: int) -> None:
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(shared_data, tmp_path, monkeypatch):
-    from cass.training.checkpoint import load_checkpoint
-    from cass.training.engine import NonFiniteLossError
+    from cass.training.failures import NonFiniteLossError
+    from cass.utils.checkpoint import load_checkpoint
 
     _nan_at_call(monkeypatch, 6)  # in epoch 2
     with pytest.raises(NonFiniteLossError, match="last good epoch"):

@@ -11,22 +11,28 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cass.evaluation.experiment as experiment
+import cass.experiment.run as experiment
 from cass.cli.main import app
-from cass.config import ConfigError, FinetuneConfig, PretrainConfig, from_dict, load_yaml, merge, to_dict
-from cass.evaluation.experiment import (
+from cass.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    from_dict,
+    load_yaml,
+    merge,
+    to_dict,
+)
+from cass.experiment.config import ExperimentConfig, InitSpec, validate
+from cass.experiment.demo import demo_config
+from cass.experiment.plan import (
     Cell,
-    ExperimentConfig,
-    InitSpec,
-    demo_config,
     finetune_config,
     plan,
     pretrain_config,
     pretrain_dir,
     pretrain_run,
-    run_experiment,
-    validate,
 )
+from cass.experiment.run import run_experiment
 from cass.methods.dino import DINO
 
 REPO = Path(__file__).resolve().parents[1]

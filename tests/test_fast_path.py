@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 import torch
 import typer
+from conftest import TINY_CNN, TINY_VIT
 from torch.utils.data import DataLoader, default_collate
 from torchvision.transforms import v2
 from typer.testing import CliRunner
 
 from cass.cli.bench import bench as bench_command
 from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig
-from cass.data import ImageDataset, open_images
+from cass.data import ImageDataset, device_augment, open_images
 from cass.data.cache import open_cache
 from cass.data.dataset import view_seed
-from cass.data import device_augment
 from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
 from cass.data.transforms import cass_augmentation
 from cass.methods.cass import CASS
 from cass.methods.dino import MultiCropTransform
 from cass.training import bench as bench_module
-from cass.training.engine import _match_parameter_layout, build_train_data, make_fabric, pretrain
-from conftest import TINY_CNN, TINY_VIT
+from cass.training.fabric import make_fabric
+from cass.training.pretrain import _match_parameter_layout, pretrain
+from cass.training.pretrain_data import build_train_data
 
 SIZE = 64
 SMALL_DINO = DinoConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32, n_local_crops=2, warmup_epochs=1)

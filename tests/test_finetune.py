@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CNN, TINY_VIT
 from PIL import Image
 from typer.testing import CliRunner
 
 from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, FinetuneConfig, PretrainConfig
-from cass.evaluation.finetune import finetune
 from cass.evaluation.inference import evaluate, predict
-from cass.training.engine import pretrain
-from conftest import TINY_CNN, TINY_VIT
+from cass.training.finetune import finetune
+from cass.training.pretrain import pretrain
 
 
 def write_pngs(shared_data: Path, root: Path) -> tuple[list[str], np.ndarray, list[str]]:

@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CNN, TINY_VIT
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cass.cli.main import app
 from cass.config import DataConfig, FinetuneConfig, PretrainConfig, save_yaml
 from cass.data import DataError, load_splits
-from cass.training.checkpoint import load_checkpoint
-from conftest import TINY_CNN, TINY_VIT
+from cass.utils.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 EPOCHS = 2
@@ -228,7 +228,7 @@ def serve() -> None:
     server SIGKILLs the run itself: only the parent of a process can kill it without any risk of
     hitting a recycled pid.
     """
-    import cass.training.engine  # noqa: F401  (the imports every run needs, paid once here)
+    import cass.training.pretrain  # noqa: F401  (the imports every run needs, paid once here)
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -417,7 +417,7 @@ def test_one_percent_of_labels_keeps_a_rare_class_and_fine_tunes_beside_an_empty
     brain_npz: Path, tmp_path: Path
 ) -> None:
     """A class with one training image is kept at 1 %; a named class without images is trained around."""
-    from cass.evaluation.finetune import finetune
+    from cass.training.finetune import finetune
 
     npz = np.load(brain_npz)
     images, labels = npz["images"], npz["labels"]

@@ -16,17 +16,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CNN, TINY_VIT
 from PIL import Image
+from test_experiment import SMOKE, tiny_split
 from typer.testing import CliRunner
 
 from cass.cli.main import app
 from cass.config import load_yaml, merge
-from cass.evaluation.experiment import ExperimentConfig, run_experiment
+from cass.experiment.config import ExperimentConfig
+from cass.experiment.run import run_experiment
 from cass.models.factory import create_network
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
 from cass.reporting.report import Report, _section_robustness, results_table
-from conftest import TINY_CNN, TINY_VIT
-from test_experiment import SMOKE, tiny_split
 
 CHROMIUM = Path("/usr/bin/chromium")
 

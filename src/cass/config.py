@@ -15,9 +15,12 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cass.data.images import DEFAULT_MAX_PIXELS
+from cass.utils.atomic import atomic_write_text
 
 T = TypeVar("T")
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Images above this many pixels are refused (decompression bombs) unless ``max_image_pixels`` says more."""
 
 
 class ConfigError(ValueError):
@@ -224,8 +227,6 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write a config as YAML (atomically, so a crash never leaves a half-written file)."""
-    from cass.training.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

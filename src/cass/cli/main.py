@@ -35,10 +35,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from cass.data.images import BadImageError
     from cass.data.sources import DataError
     from cass.models.factory import WeightsUnavailableError
-    from cass.training.checkpoint import CheckpointError
-    from cass.training.engine import NonFiniteLossError
+    from cass.training.failures import NonFiniteLossError
+    from cass.utils.atomic import WriteError
+    from cass.utils.checkpoint import CheckpointError
 
-    return (ConfigError, BadImageError, DataError, WeightsUnavailableError, CheckpointError, NonFiniteLossError)
+    return (ConfigError, BadImageError, DataError, WeightsUnavailableError, CheckpointError, NonFiniteLossError, WriteError)
 
 
 def friendly_errors(command: F) -> F:
@@ -107,8 +108,8 @@ def pretrain(
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory (other options override its config).")] = None,
 ) -> None:
     """Self-supervised pretraining (CASS by default) on unlabeled images."""
-    from cass.training.engine import load_run_config
-    from cass.training.engine import pretrain as run_pretrain
+    from cass.training.pretrain import load_run_config
+    from cass.training.pretrain import pretrain as run_pretrain
 
     overrides = given(
         data__data=data, data__val_data=val_data, method=method, arch=arch, cnn=cnn, vit=vit, init=init,
@@ -155,7 +156,7 @@ def finetune(
 ) -> None:
     """Fine-tune (or probe) one network with a fraction of the labels; writes a model directory."""
     from cass.config import FinetuneConfig
-    from cass.evaluation.finetune import finetune as run_finetune
+    from cass.training.finetune import finetune as run_finetune
 
     overrides = given(
         source=source, arch=arch, data__data=data, data__val_data=val_data, out=out, cnn=cnn, vit=vit,
@@ -231,7 +232,8 @@ def experiment(
     accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu (pretraining and fine-tuning).")] = None,
 ) -> None:
     """Run the comparison grid (methods x networks x inits x label fractions x seeds); resumable."""
-    from cass.evaluation.experiment import ExperimentConfig, run_experiment
+    from cass.experiment.config import ExperimentConfig
+    from cass.experiment.run import run_experiment
 
     overrides = given(
         data__data=data, data__val_data=val_data, out=out, data__num_workers=num_workers,
@@ -257,7 +259,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A cass experiment direc
 @friendly_errors
 def demo(out: Annotated[str, Opt(help="Where the demo writes its runs (rerun to resume).")] = "runs/demo") -> None:
     """The whole comparison in minutes on a CPU: CASS, DINO and supervised, small networks, the shipped sample."""
-    from cass.evaluation.experiment import demo_config, run_experiment
+    from cass.experiment.demo import demo_config
+    from cass.experiment.run import run_experiment
     from cass.reporting.report import summary_table, write_report
 
     with _resume_hint("cass demo"):

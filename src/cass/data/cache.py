@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from cass.config import ConfigError, DataConfig
 from cass.data.dataset import ArrayStore, FileStore, ImageSet, ZipStore
 from cass.data.images import BadImageError
-from cass.training.checkpoint import atomic_write_text
+from cass.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -39,17 +39,20 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from cass.data.cache import cache_resize
-
 # torchvision's own helpers, shared so that batched output matches its per-image output.
 from torchvision.transforms.v2._transform import _RandomApplyTransform
 from torchvision.transforms.v2._utils import _get_fill
-from torchvision.transforms.v2.functional._color import _rgb_to_grayscale_image, _rgb_to_hsv
+from torchvision.transforms.v2.functional._color import (
+    _rgb_to_grayscale_image,
+    _rgb_to_hsv,
+)
 from torchvision.transforms.v2.functional._geometry import (
     _affine_parse_args,
     _check_interpolation,
     _get_inverse_affine_matrix,
 )
+
+from cass.data.cache import cache_resize
 
 Views = Any
 """One ``(uint8 images, params)`` pair per view: a tuple for one-view transforms, else a list of them."""

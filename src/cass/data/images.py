@@ -18,7 +18,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_windowing
 
-DEFAULT_MAX_PIXELS = 100_000_000
+from cass.config import DEFAULT_MAX_PIXELS
+
 """Largest image (width x height) accepted: a guard against decompression bombs."""
 
 BYTES_PER_PIXEL_LIMIT = 8

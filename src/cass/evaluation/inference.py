@@ -16,12 +16,18 @@ import torch
 from cass.config import ConfigError
 from cass.data.dataset import ImageSet
 from cass.data.sources import load_splits, open_images
-from cass.evaluation.finetune import KNN_BANK, MODEL, extract_features, fit_knn, knn_logits, read_model_info
+from cass.evaluation.features import (
+    extract_features,
+    fit_knn,
+    knn_logits,
+    read_model_info,
+)
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.models.factory import Network, create_network
 from cass.models.weights import load_state_dict_file
-from cass.reporting.plots import plot_confusion_matrix
-from cass.training.checkpoint import atomic_write_text
+from cass.utils.atomic import atomic_write_text
+from cass.utils.plots import plot_confusion_matrix
+from cass.utils.rundir import KNN_BANK, MODEL
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cass.training.checkpoint import atomic_write_text
+from cass.utils.atomic import atomic_write_text
 
 NO_POSITIVE_LABEL = -1
 """Stratum of multi-label images with no positive label (e.g. "healthy")."""

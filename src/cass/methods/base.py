@@ -1,7 +1,7 @@
 """The contract between a self-supervised method and the training engine.
 
 A method owns its networks, its loss, its view-making transform and its optimisers; the engine
-(:mod:`cass.training.engine`) owns everything else: devices, precision, DDP, data loading,
+(:mod:`cass.training`) owns everything else: devices, precision, DDP, data loading,
 checkpoints, logs and collapse diagnostics. One file per method implements this class.
 """
 

@@ -18,10 +18,10 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from cass.config import PretrainConfig
 from cass.data.transforms import cass_augmentation
-from cass.methods.base import Progress, PretrainMethod, StepOutput
+from cass.methods.base import PretrainMethod, Progress, StepOutput
 from cass.methods.registry import register_method
 from cass.models.factory import Network, create_network
-from cass.training.schedules import cosine_lambda
+from cass.utils.schedules import cosine_lambda
 
 
 def cass_loss(z_cnn: torch.Tensor, z_vit: torch.Tensor) -> torch.Tensor:

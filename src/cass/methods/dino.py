@@ -28,10 +28,10 @@ from torchvision.transforms import v2
 
 from cass.config import ConfigError, PretrainConfig
 from cass.data.transforms import TO_FLOAT
-from cass.methods.base import Progress, PretrainMethod, StepOutput
+from cass.methods.base import PretrainMethod, Progress, StepOutput
 from cass.methods.registry import register_method
 from cass.models.factory import Network, create_network
-from cass.training.schedules import cosine, cosine_lambda
+from cass.utils.schedules import cosine, cosine_lambda
 
 ARCHS = ("vit", "cnn")
 

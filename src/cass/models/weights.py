@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from cass.training.checkpoint import CheckpointError, verify_weights
+from cass.utils.checkpoint import CheckpointError, verify_weights
 
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 

@@ -25,20 +25,20 @@ import torch
 from cass.config import ConfigError, load_yaml
 from cass.data.sources import load_splits
 from cass.data.transforms import eval_transform
-from cass.evaluation.experiment import (
-    ENVIRONMENT,
-    EXPERIMENT_YAML,
-    PRETRAINING_CSV,
-    RESULTS_JSON,
-    SELF_SUPERVISED,
-    Cell,
-    ExperimentConfig,
-    read_pretraining,
-)
 from cass.evaluation.inference import load_classifier
+from cass.experiment.config import SELF_SUPERVISED, ExperimentConfig
+from cass.experiment.plan import Cell
+from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, read_pretraining
+from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
-from cass.reporting.plots import Curve, plot_bars, plot_confusion_matrix, plot_curves, plot_heatmaps
-from cass.training.checkpoint import atomic_write_text
+from cass.utils.atomic import atomic_write_text
+from cass.utils.plots import (
+    Curve,
+    plot_bars,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_heatmaps,
+)
 
 METHOD_NAMES = {"cass": "CASS", "dino": "DINO", "supervised": "Supervised"}
 ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}

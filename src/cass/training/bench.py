@@ -8,7 +8,7 @@ Each row times one method at one batch size in one mode:
   with batched device augmentation, :mod:`cass.data.device_augment`), epochs and all: what training
   costs. Data loading is hidden when this matches model-only.
 
-Both run the engine's own :class:`~cass.training.engine.Stepper` with the engine's preparation
+Both run the engine's own :class:`~cass.training.step.Stepper` with the engine's preparation
 (device, layout, fused optimisers, compilation), so a row measures what ``cass pretrain`` does.
 The paper's configuration (ResNet-50 + ViT-B/16 at 384 px, fp32, batch 16, eager: no channels-last or
 compilation) is the reference row. Timing starts after ``warmup`` steps (compilation, cache building and
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from contextlib import closing
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,15 +31,15 @@ from PIL import Image
 from cass.config import ConfigError, PretrainConfig, merge
 from cass.methods.base import PretrainMethod, Progress
 from cass.methods.registry import create_method
-from cass.training.engine import (
-    Stepper,
-    build_train_data,
+from cass.training.fabric import (
     compile_networks,
     make_fabric,
     peak_memory_mb,
     prepare_model,
     resolve_precision,
 )
+from cass.training.pretrain_data import build_train_data
+from cass.training.step import Stepper
 
 MODES = ("model-only", "end-to-end")
 PAPER = {

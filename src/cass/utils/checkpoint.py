@@ -9,14 +9,8 @@ flushed to disk and renamed over the old one: a crash leaves either the old or t
 
 from __future__ import annotations
 
-import errno
-import glob
 import hashlib
 import json
-import os
-import socket
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,80 +18,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cass.utils.atomic import WriteError, atomic_write
+
 FORMAT = "cass-checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weights file cannot be written or trusted; the message names the file."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-"""What ``open()`` would give a new file; ``mkstemp`` alone makes it private (0600)."""
-
-
-def _temporary_prefix(path: Path, pid: int) -> str:
-    """``.<name>.<host>.<pid>.``: who wrote a temporary file, so a dead writer's leftovers can be removed."""
-    return f".{path.name}.{socket.gethostname()}.{pid}."
-
-
-def _remove_dead_writers_files(path: Path) -> None:
-    """Delete temporary files that a killed process on this host left while writing ``path``.
-
-    Only files of processes that no longer exist are removed: another live writer's file (a second
-    run, or a DDP rank on a shared disk) is never touched.
-    """
-    host_prefix = f".{path.name}.{socket.gethostname()}."
-    for tmp in path.parent.glob(f"{glob.escape(host_prefix)}*.tmp"):
-        pid = tmp.name[len(host_prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_writers_files(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path, os.getpid()), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)  # after writing: safetensors replaces the file it is given
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = "disk full" if err.errno == errno.ENOSPC else str(err)
-        raise CheckpointError(f"could not write {path} ({reason}); the previous file, if any, is intact") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # --- nested state <-> (JSON, flat tensors) --------------------------------------------------------
@@ -140,6 +67,13 @@ def unflatten(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return data
 
 
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except WriteError as err:
+        raise CheckpointError(str(err)) from err
+
+
 def _content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for key in sorted(metadata):
@@ -157,7 +91,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], info: dict[str, str
     structure = flatten(state, tensors, "s")
     metadata = {"format": FORMAT, "state": json.dumps(structure), **(info or {})}
     metadata["sha256"] = _content_hash(tensors, metadata)
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _write_safetensors(Path(path), tensors, metadata)
 
 
 def read_info(path: str | Path) -> dict[str, str]:
@@ -197,7 +131,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], info: di
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     metadata = dict(info or {})
     metadata["sha256"] = _content_hash(tensors, metadata)
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _write_safetensors(Path(path), tensors, metadata)
 
 
 def verify_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

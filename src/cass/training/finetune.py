@@ -1,13 +1,13 @@
 """Fine-tuning and probing with a fraction of the labels (SPEC §1 downstream, §2).
 
 Three modes share data, subsets and metrics: ``full`` (the paper's protocol: a new linear head, the
-whole network trained with Adam 3e-4 and cosine decay to 1e-6, early stopping on validation macro-F1,
-best model kept), ``linear`` (only the head is trained, the backbone frozen) and ``knn`` (cosine k-NN
-on frozen features, no training). ``source=scratch`` is the supervised baseline.
+whole network trained with Adam 3e-4 and cosine decay to 1e-6, early stopping on the selection split's
+macro-F1, best model kept), ``linear`` (only the head is trained, the backbone frozen) and ``knn``
+(cosine k-NN on frozen features, no training). ``source=scratch`` is the supervised baseline.
 
 A finished run directory is a *model directory*: ``model.safetensors`` (timm weights whose metadata
-name the network, classes and input size), ``metrics.json`` (best validation metrics), ``history.csv``,
-``subset.csv`` (the labelled files used) and ``config.yaml``.
+name the network, classes and input size), ``metrics.json``, ``history.csv``, ``subset.csv`` (the
+labelled files used) and ``config.yaml``; its resume state is deleted once it finishes.
 """
 
 from __future__ import annotations
@@ -19,32 +19,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from sklearn.neighbors import KNeighborsClassifier
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import cass
-from cass.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, save_yaml
+from cass.utils.version import VERSION
+from cass.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    load_yaml,
+    save_yaml,
+)
 from cass.data.cache import readable_images
-from cass.data.dataset import ImageDataset, ImageSet
+from cass.data.dataset import ImageSet
+from cass.data.loaders import image_loader
 from cass.data.sources import DataError, load_splits
 from cass.data.transforms import cass_augmentation, eval_transform
+from cass.evaluation.features import extract_features, fit_knn, knn_logits
 from cass.evaluation.losses import class_weights, create_loss
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.evaluation.subsets import label_fraction_indices, save_subset
 from cass.models.factory import Network, create_network
-from cass.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from cass.training.engine import CONFIG, MetricsFile, make_fabric
-from cass.training.schedules import cosine_lambda
+from cass.training.fabric import make_fabric
+from cass.utils.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from cass.utils.rundir import CONFIG, KNN_BANK, MODEL, MetricsFile
+from cass.utils.schedules import cosine_lambda
 
-MODEL = "model.safetensors"
-KNN_BANK = "knn_bank.safetensors"
 STATE = "checkpoint.safetensors"
+
+
 MODES = ("full", "linear", "knn")
 
 
@@ -90,15 +96,6 @@ def _require_labels(images: ImageSet, what: str) -> None:
         raise DataError(f"{images.source}: the {what} images have no labels (use one sub-folder per class or a CSV)")
 
 
-def _loader(images: ImageSet, transform: Any, batch_size: int, seed: int, train: bool, workers: int) -> DataLoader:
-    """Training order depends only on (seed, epoch) (``sampler.set_epoch``), so a resumed run replays it."""
-    dataset = ImageDataset(images, transform, seed=seed)
-    batch = min(batch_size, len(images))
-    # A final batch of one image breaks BatchNorm in training: drop the remainder when training.
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=train, seed=seed, drop_last=False)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=train, num_workers=workers)
-
-
 def _model_info(cfg: FinetuneConfig, backbone: Backbone, net: Network, images: ImageSet) -> dict[str, str]:
     return {
         "timm_name": backbone.name,
@@ -107,7 +104,7 @@ def _model_info(cfg: FinetuneConfig, backbone: Backbone, net: Network, images: I
         "multilabel": json.dumps(images.multilabel),
         "img_size": str(net.input_size),
         "mode": cfg.mode,
-        "cass_version": cass.__version__,
+        "cass_version": VERSION,
     }
 
 
@@ -158,8 +155,8 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
         for p in net.model.get_classifier().parameters():
             p.requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
-    train_loader = _loader(labelled, cass_augmentation(net.input_size), cfg.batch_size, cfg.seed, True, cfg.data.num_workers)
-    val_loader = _loader(val, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, cfg.data.num_workers)
+    train_loader = image_loader(labelled, cass_augmentation(net.input_size), cfg.batch_size, cfg.seed, True, cfg.data.num_workers)
+    val_loader = image_loader(val, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, cfg.data.num_workers)
     total_steps = cfg.epochs * len(train_loader)
     optimizer = Adam(params, lr=cfg.lr, fused=True)
     scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
@@ -239,16 +236,6 @@ def _validate(net: Any, loader: DataLoader, loss_fn: Any, metrics: Classificatio
     return total / count, metrics.compute()
 
 
-@torch.no_grad()
-def extract_features(net: Network, images: ImageSet, img_size: int, batch_size: int, device: torch.device,
-                     workers: int = 0) -> np.ndarray:
-    """Pooled backbone features of every image, without augmentation."""
-    net.eval().to(device)
-    loader = _loader(images, eval_transform(img_size), batch_size, 0, False, workers)
-    chunks = [net.features(x.to(device)).float().cpu() for x, _, _ in tqdm(loader, desc="features", leave=False)]
-    return torch.cat(chunks).numpy()
-
-
 def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
          info: dict[str, str]) -> dict[str, Any]:
     """Cosine k-NN on frozen features (scikit-learn); the bank is saved so the model can predict."""
@@ -263,27 +250,3 @@ def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val
     metrics = ClassificationMetrics(val.classes, multilabel=False)
     metrics.update(scores, torch.as_tensor(val.targets))
     return metrics.compute()
-
-
-def fit_knn(features: np.ndarray, targets: np.ndarray, k: int) -> KNeighborsClassifier:
-    """Distance-weighted cosine k-NN (k capped by the bank size)."""
-    return KNeighborsClassifier(n_neighbors=min(k, len(features)), metric="cosine", weights="distance").fit(
-        features, targets)
-
-
-def knn_logits(knn: KNeighborsClassifier, features: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Class log-probabilities over all classes (classes absent from the bank get -inf-like scores)."""
-    proba = np.zeros((len(features), num_classes))
-    proba[:, knn.classes_] = knn.predict_proba(features)
-    return torch.from_numpy(np.log(np.clip(proba, 1e-8, 1.0))).float()
-
-
-def read_model_info(model_dir: str | Path) -> dict[str, Any]:
-    """The metadata of a model directory's weights: timm name, classes, multi-label flag, input size."""
-    path = Path(model_dir) / MODEL
-    if not path.is_file():
-        raise ConfigError(f"--model {model_dir}: no {MODEL} there (is it a cass finetune output directory?)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    return {"timm_name": meta["timm_name"], "arch": meta["arch"], "classes": json.loads(meta["classes"]),
-            "multilabel": json.loads(meta["multilabel"]), "img_size": int(meta["img_size"]), "mode": meta["mode"]}

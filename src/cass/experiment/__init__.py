@@ -1,0 +1,1 @@
+"""The comparison protocol of SPEC §2: configuration, planning, running and results of ``cass experiment``."""

@@ -1,0 +1,133 @@
+"""What an experiment is: a grid of methods x architectures x initialisations x label fractions x seeds
+(SPEC §2), checked before anything trains.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cass.config import (
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    PretrainConfig,
+)
+from cass.evaluation.subsets import check_fraction
+
+METHODS = ("cass", "dino", "supervised")
+
+
+SELF_SUPERVISED = ("cass", "dino")
+
+
+ARCHS = ("cnn", "vit")
+
+
+BUILTIN_INITS = ("scratch", "imagenet")
+
+
+@dataclass
+class InitSpec:
+    """One initialisation of the grid, named as it must appear in every table.
+
+    ``scratch`` is random init; ``imagenet`` is timm's ImageNet weights (downloaded, or the local
+    ``*_weights`` files); any other name is a stand-in (SPEC §1): weights files for the CNN and the
+    Transformer, e.g. classifiers trained with labels on another dataset, named honestly
+    (``blood-supervised``), never passed off as ImageNet.
+    """
+
+    name: str = "scratch"
+    cnn_weights: str | None = None
+    vit_weights: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid of methods x architectures x initialisations x label fractions x seeds (SPEC §2).
+
+    ``pretrain`` and ``finetune`` hold the schedules and sizes shared by every cell; the fields that
+    vary per cell (method, arch, init, weights, seed, label fraction, data, out, fine-tuning source
+    and network names) are filled in by the grid and must be left unset there. The networks are
+    ``pretrain.cnn`` and ``pretrain.vit`` for every method, so all cells compare the same backbones.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """The images of every cell: a root with ``train/`` and ``val/`` (None: the shipped sample)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    inits: list[InitSpec] = field(default_factory=lambda: [InitSpec()])
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    pretrain_per_seed: bool = True
+    """One pretraining run per seed (True), or one run with the first seed reused by every seed."""
+    sweep_batch_sizes: list[int] = field(default_factory=list)
+    """Pretraining batch sizes of the robustness sweep (CASS and DINO), e.g. [8, 16, 32]."""
+    sweep_epochs: list[int] = field(default_factory=list)
+    """Pretraining epochs of the robustness sweep (CASS and DINO), e.g. [25, 50, 100]."""
+    sweep_label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Label fractions at which the sweeps' pretraining runs are fine-tuned."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    out: str = "runs/experiment"
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Refuse a grid that would fail (or silently mislead) hours into the run."""
+    _check_choices("methods", cfg.methods, METHODS)
+    _check_choices("archs", cfg.archs, ARCHS)
+    if not cfg.seeds or not cfg.label_fractions or not cfg.inits:
+        raise ConfigError("experiment: seeds, label_fractions and inits must each list at least one value")
+    for fraction in [*cfg.label_fractions, *cfg.sweep_label_fractions]:
+        try:
+            check_fraction(fraction)
+        except ValueError as err:
+            raise ConfigError(f"experiment: {err}") from None
+    if any(v < 1 for v in [*cfg.sweep_batch_sizes, *cfg.sweep_epochs]):
+        raise ConfigError("experiment: sweep_batch_sizes and sweep_epochs must be positive")
+    names = [init.name for init in cfg.inits]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"experiment: init names must be unique, got {names}")
+    for init in cfg.inits:
+        _check_init(init, cfg.archs)
+    _refuse_per_cell_fields(cfg)
+
+
+def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(values) - set(allowed))
+    if unknown or not values:
+        raise ConfigError(f"experiment: {option} must be a non-empty subset of {list(allowed)}, got {values}")
+
+
+def _check_init(init: InitSpec, archs: list[str]) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", init.name):
+        raise ConfigError(f"experiment: init name {init.name!r} must use only letters, digits, '.', '_' and '-'")
+    if init.name == "scratch":
+        if init.cnn_weights or init.vit_weights:
+            raise ConfigError("experiment: init 'scratch' takes no weights; name the init after its weights")
+        return
+    for arch in archs:
+        weights = getattr(init, f"{arch}_weights")
+        if weights is None and init.name != "imagenet":
+            raise ConfigError(f"experiment: init {init.name!r} needs {arch}_weights (a weights file for the {arch})")
+        if weights is not None and not Path(weights).is_file():
+            raise ConfigError(f"experiment: init {init.name!r}: {arch}_weights file not found: {weights}")
+
+
+_PER_CELL = {
+    "pretrain": ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data"),
+    "finetune": ("source", "arch", "cnn", "vit", "weights", "label_fraction", "seed", "out", "data"),
+}
+
+
+def _refuse_per_cell_fields(cfg: ExperimentConfig) -> None:
+    """A value set in ``pretrain``/``finetune`` that the grid overwrites would be silently ignored."""
+    for section, names in _PER_CELL.items():
+        given, default = getattr(cfg, section), type(getattr(cfg, section))()
+        for name in names:
+            if getattr(given, name) != getattr(default, name):
+                raise ConfigError(
+                    f"experiment: {section}.{name} is set per cell by the grid (data, methods, archs, inits, "
+                    f"seeds, label_fractions, out, pretrain.cnn/vit); remove it from {section}"
+                )

@@ -1,0 +1,176 @@
+"""The cells of an experiment and the pretraining runs they share, with the full configuration of each.
+
+A *cell* is one fine-tuned classifier: a method, an architecture (``cnn`` or ``vit``), an
+initialisation, a label fraction and a seed, plus the pretraining batch size and epochs of the
+robustness sweeps. A *pretraining run* is what the cells of a self-supervised method start from; it is
+trained once and shared by every cell that needs it: a run of a method that trains both networks
+(CASS) serves the CNN and the Transformer cells, a single-network run (DINO) the cells of its
+student's architecture, and all label fractions share a run.
+
+Seeds: with ``pretrain_per_seed`` (the default) each seed has its own pretraining run, so the
+spread over seeds includes the variance of pretraining. ``pretrain_per_seed: false`` pretrains once
+(with the first seed) and reuses that run for every seed: cheaper, but the spread then only measures
+fine-tuning noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from cass.config import (
+    FinetuneConfig,
+    PretrainConfig,
+)
+from cass.experiment.config import (
+    ARCHS,
+    BUILTIN_INITS,
+    SELF_SUPERVISED,
+    ExperimentConfig,
+    InitSpec,
+)
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """One self-supervised pretraining run of the grid."""
+
+    method: str
+    arch: str | None
+    """The student's architecture for DINO; None for CASS, which trains both."""
+    init: str
+    batch_size: int
+    epochs: int
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return self.method if self.arch is None else f"{self.method}-{self.arch}"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ARCHS if self.arch is None else (self.arch,)
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}_{self.init}_bs{self.batch_size}_ep{self.epochs}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tuned classifier of the grid."""
+
+    method: str
+    arch: str
+    init: str
+    label_fraction: float
+    seed: int
+    batch_size: int | None
+    """Pretraining batch size (None for the supervised baseline, which has no pretraining)."""
+    epochs: int | None
+    """Pretraining epochs (None for the supervised baseline)."""
+
+    @property
+    def name(self) -> str:
+        pretraining = "" if self.batch_size is None else f"_bs{self.batch_size}_ep{self.epochs}"
+        return f"{self.method}_{self.arch}_{self.init}{pretraining}_f{self.label_fraction:g}_seed{self.seed}"
+
+    def describe(self) -> str:
+        pretraining = "" if self.batch_size is None else f", pretraining batch {self.batch_size} x {self.epochs} epochs"
+        return (f"{self.method} {self.arch} from {self.init}, {self.label_fraction * 100:g}% labels, "
+                f"seed {self.seed}{pretraining}")
+
+
+def plan(cfg: ExperimentConfig) -> list[Cell]:
+    """Every cell, main grid first, then the sweeps; cells sharing a pretraining run are adjacent."""
+    base = (cfg.pretrain.batch_size, cfg.pretrain.epochs)
+    settings = [base]
+    settings += [(b, cfg.pretrain.epochs) for b in cfg.sweep_batch_sizes]
+    settings += [(cfg.pretrain.batch_size, e) for e in cfg.sweep_epochs]
+    cells: dict[Cell, None] = {}
+    for batch_size, epochs in dict.fromkeys(settings):
+        is_base = (batch_size, epochs) == base
+        fractions = cfg.label_fractions if is_base else cfg.sweep_label_fractions
+        methods = cfg.methods if is_base else [m for m in cfg.methods if m in SELF_SUPERVISED]
+        for init in cfg.inits:
+            for seed in cfg.seeds:
+                for method in methods:
+                    pretrained = method in SELF_SUPERVISED
+                    for arch in cfg.archs:
+                        for fraction in fractions:
+                            cells[Cell(method, arch, init.name, fraction, seed,
+                                       batch_size if pretrained else None, epochs if pretrained else None)] = None
+    return list(cells)
+
+
+def pretrain_run(cfg: ExperimentConfig, cell: Cell) -> PretrainRun | None:
+    """The pretraining run a cell starts from (None for the supervised baseline)."""
+    if cell.method not in SELF_SUPERVISED:
+        return None
+    seed = cell.seed if cfg.pretrain_per_seed else cfg.seeds[0]
+    arch = cell.arch if cell.method == "dino" else None
+    return PretrainRun(cell.method, arch, cell.init, cell.batch_size, cell.epochs, seed)
+
+
+def _init_spec(cfg: ExperimentConfig, name: str) -> InitSpec:
+    return next(init for init in cfg.inits if init.name == name)
+
+
+def stand_in_dir(cfg: ExperimentConfig, init: InitSpec) -> Path:
+    """A directory holding ``cnn.safetensors``/``vit.safetensors`` links to a stand-in's weights.
+
+    A pretraining config names one ``init`` for both networks, and a directory is how the model
+    factory gives each network its own file (``<role>.safetensors``).
+    """
+    directory = Path(cfg.out) / "inits" / init.name
+    directory.mkdir(parents=True, exist_ok=True)
+    for arch in cfg.archs:
+        link = directory / f"{arch}.safetensors"
+        target = Path(getattr(init, f"{arch}_weights")).resolve()
+        if not (link.is_symlink() and link.resolve() == target):
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+    return directory
+
+
+def pretrain_dir(cfg: ExperimentConfig, run: PretrainRun) -> Path:
+    return Path(cfg.out) / "pretrain" / run.name
+
+
+def pretrain_config(cfg: ExperimentConfig, run: PretrainRun) -> PretrainConfig:
+    """The full configuration of one pretraining run."""
+    init = _init_spec(cfg, run.init)
+    if init.name in BUILTIN_INITS:
+        weights = {"init": init.name, "cnn_weights": init.cnn_weights, "vit_weights": init.vit_weights}
+    else:
+        weights = {"init": str(stand_in_dir(cfg, init))}
+    return dataclasses.replace(
+        cfg.pretrain, method=run.method, arch=run.arch or cfg.pretrain.arch, data=cfg.data,
+        batch_size=run.batch_size, epochs=run.epochs, seed=run.seed,
+        out=str(pretrain_dir(cfg, run)), **weights,
+    )
+
+
+def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) -> FinetuneConfig:
+    """The full configuration of one cell's fine-tuning (from its pretraining run, or its init)."""
+    init = _init_spec(cfg, cell.init)
+    if pretrained is not None:
+        source, weights = str(pretrained), None
+    elif init.name in BUILTIN_INITS:
+        source, weights = init.name, getattr(init, f"{cell.arch}_weights")
+    else:
+        source, weights = getattr(init, f"{cell.arch}_weights"), None
+    return dataclasses.replace(
+        cfg.finetune, data=cfg.data, source=source, weights=weights, arch=cell.arch, cnn=cfg.pretrain.cnn,
+        vit=cfg.pretrain.vit, img_size=cfg.finetune.img_size or cfg.pretrain.img_size,
+        label_fraction=cell.label_fraction, seed=cell.seed, out=str(Path(cfg.out) / "finetune" / cell.name),
+    )
+
+
+def job_configs(cfg: ExperimentConfig, cell: Cell) -> tuple[PretrainRun | None, PretrainConfig | None, FinetuneConfig]:
+    """A cell's pretraining run (if any) and the full configurations of both steps."""
+    run = pretrain_run(cfg, cell)
+    if run is None:
+        return None, None, finetune_config(cfg, cell, None)
+    return run, pretrain_config(cfg, run), finetune_config(cfg, cell, pretrain_dir(cfg, run))

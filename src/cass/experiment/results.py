@@ -1,0 +1,99 @@
+"""The results of an experiment: one row per finished cell and per pretraining run, as CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from cass.experiment.config import ExperimentConfig
+from cass.experiment.plan import Cell, PretrainRun, pretrain_dir, pretrain_run
+from cass.utils.atomic import atomic_write_text
+from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text
+
+CELL = "cell.json"
+
+
+RESULTS_CSV = "results.csv"
+
+
+RESULTS_JSON = "results.json"
+
+
+PRETRAINING_CSV = "pretraining.csv"
+
+
+SCORES = ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc", "accuracy", "map")
+"""Scalar validation metrics copied into every row (``map`` exists for multi-label data only)."""
+
+
+def read_pretraining(run_dir: Path) -> list[dict[str, str]]:
+    """The per-epoch rows of a pretraining run's ``metrics.csv`` (empty before its first epoch)."""
+    path = Path(run_dir) / METRICS
+    return MetricsFile.read(path) if path.is_file() else []
+
+
+def _pretraining_summary(cfg: ExperimentConfig, run: PretrainRun) -> dict[str, Any]:
+    """Cost and end state of one pretraining run, from its ``metrics.csv``."""
+    run_dir = pretrain_dir(cfg, run)
+    rows = read_pretraining(run_dir)
+    last = rows[-1] if rows else {}
+    summary: dict[str, Any] = {
+        "method": run.method, "arch": run.arch or "cnn+vit", "init": run.init, "batch_size": run.batch_size,
+        "epochs": run.epochs, "seed": run.seed, "epochs_done": len(rows),
+        "time_s": sum(float(r["epoch_time_s"]) for r in rows),
+        "device_time_s": sum(float(r["device_time_s"]) for r in rows),
+        "images_per_s": sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None,
+        "peak_memory_mb": max((float(r["peak_memory_mb"]) for r in rows), default=None),
+        "final_loss": float(last["loss"]) if last else None,
+    }
+    for role in run.roles:
+        for key in (f"{role}_output_std", f"{role}_effective_rank"):
+            summary[f"final_{key}"] = float(last[key]) if key in last else None
+    summary["dir"] = str(run_dir)
+    summary["config"] = str(run_dir / CONFIG)
+    return summary
+
+
+def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetune_time: float) -> dict[str, Any]:
+    """One results row: the cell, every validation metric, the costs and the configs that made it."""
+    cell_dir = Path(cfg.out) / "finetune" / cell.name
+    metrics = json.loads((cell_dir / "metrics.json").read_text())
+    with open(cell_dir / "subset.csv", newline="") as fh:
+        labelled = sum(1 for _ in csv.DictReader(fh))
+    pre = _pretraining_summary(cfg, run) if run is not None else None
+    return {
+        "method": cell.method, "arch": cell.arch, "init": cell.init, "label_fraction": cell.label_fraction,
+        "seed": cell.seed, "pretrain_batch_size": cell.batch_size, "pretrain_epochs": cell.epochs,
+        "mode": cfg.finetune.mode, "labelled_images": labelled,
+        **{key: metrics.get(key) for key in SCORES},
+        "best_epoch": metrics.get("epoch"), "val_loss": metrics.get("val_loss"),
+        "num_val_images": metrics.get("num_samples"),
+        "pretrain_time_s": pre["time_s"] if pre else None,
+        "pretrain_device_time_s": pre["device_time_s"] if pre else None,
+        "finetune_time_s": finetune_time,
+        "pretrain_dir": pre["dir"] if pre else None, "pretrain_config": pre["config"] if pre else None,
+        "finetune_dir": str(cell_dir), "finetune_config": str(cell_dir / CONFIG),
+        "classes": metrics.get("classes"), "per_class": metrics.get("per_class"),
+        "confusion_matrix": metrics.get("confusion_matrix"),
+    }
+
+
+NESTED = ("classes", "per_class", "confusion_matrix")
+"""Row fields kept in ``results.json`` only; ``results.csv`` flattens the per-class F1 instead."""
+
+
+def write_results(cfg: ExperimentConfig, cells: list[Cell]) -> None:
+    """``results.csv``/``results.json`` (finished cells, in plan order) and ``pretraining.csv``."""
+    out = Path(cfg.out)
+    rows = [json.loads(path.read_text()) for cell in cells if (path := out / "finetune" / cell.name / CELL).is_file()]
+    atomic_write_text(out / RESULTS_JSON, json.dumps(rows, indent=2))
+    flat = [{**{k: v for k, v in row.items() if k not in NESTED},
+             **{f"f1_{name}": values.get("f1") for name, values in (row.get("per_class") or {}).items()}}
+            for row in rows]
+    atomic_write_text(out / RESULTS_CSV, csv_text(flat))
+    runs = dict.fromkeys(run for cell in cells if (run := pretrain_run(cfg, cell)) is not None)
+    summaries = [_pretraining_summary(cfg, run) for run in runs if (pretrain_dir(cfg, run) / METRICS).is_file()]
+    atomic_write_text(out / PRETRAINING_CSV, csv_text(summaries))
+

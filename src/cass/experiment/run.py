@@ -1,0 +1,147 @@
+"""Running (or continuing) an experiment: what ``cass experiment`` does.
+
+Resuming: rerunning the same configuration skips every cell whose ``cell.json`` exists, reuses
+every pretraining run whose exported weights record its last epoch, continues an interrupted
+pretraining from its last checkpoint (the engine's resume) and an interrupted fine-tuning from its
+own. A directory written with a different configuration is refused, never silently reused.
+
+Layout of ``out``: ``experiment.yaml`` (the resolved configuration: ``cass experiment --config`` on it
+reruns everything), ``environment.json`` (machine and versions of each session), ``pretrain/<run>/``,
+``finetune/<cell>/`` (a ``cass finetune`` model directory plus ``cell.json``), ``results.csv`` and
+``results.json`` (one row per finished cell) and ``pretraining.csv`` (one row per pretraining run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cass.utils.version import VERSION
+from cass.config import (
+    ConfigError,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
+from cass.experiment.config import ExperimentConfig, validate
+from cass.experiment.plan import PretrainRun, job_configs, plan
+from cass.experiment.results import CELL, cell_row, write_results
+from cass.training.finetune import finetune
+from cass.training.pretrain import pretrain
+from cass.utils.atomic import atomic_write_text
+from cass.utils.checkpoint import CheckpointError, read_info
+from cass.utils.rundir import CHECKPOINT, CONFIG
+
+EXPERIMENT_YAML = "experiment.yaml"
+
+
+ENVIRONMENT = "environment.json"
+
+
+def _refuse_other_config(directory: Path, cfg: Any) -> None:
+    """Reusing a directory written by another configuration would mix results of two experiments.
+
+    The saved file is read as a config (options it lacks take their defaults), so a directory written
+    before a new option existed still matches when that option keeps its default.
+    """
+    path = directory / CONFIG
+    if not path.is_file():
+        return
+    saved = load_yaml(type(cfg), path)
+    if saved != cfg:
+        differences = _differences(to_dict(saved), to_dict(cfg))
+        changed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
+        raise ConfigError(
+            f"{path} was written with a different configuration than this experiment's ({changed}); "
+            f"choose another out directory, or delete {directory} to redo it"
+        )
+
+
+def _differences(saved: dict[str, Any], planned: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, planned value) for every option that differs."""
+    found = []
+    for key, value in planned.items():
+        if isinstance(value, dict):
+            found += _differences(saved[key], value, f"{prefix}{key}.")
+        elif saved[key] != value:
+            found.append((f"{prefix}{key}", saved[key], value))
+    return found
+
+
+def pretraining_finished(run_dir: Path, run: PretrainRun) -> bool:
+    """True when every exported network's weights record the run's last epoch (written after the checkpoint)."""
+    for role in run.roles:
+        path = run_dir / f"{role}.safetensors"
+        try:
+            if not path.is_file() or read_info(path).get("epoch") != str(run.epochs):
+                return False
+        except CheckpointError:
+            return False
+    return True
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Run (or continue) the whole grid; returns ``cfg.out``, which holds the results and every run."""
+    validate(cfg)
+    out = Path(cfg.out)
+    cells = plan(cfg)
+    jobs = [(cell, *job_configs(cfg, cell)) for cell in cells]
+    for _, _, run_cfg, ft_cfg in jobs:  # before anything is written or trained
+        for step in (run_cfg, ft_cfg):
+            if step is not None:
+                _refuse_other_config(Path(step.out), step)
+    save_yaml(cfg, out / EXPERIMENT_YAML)
+    sessions = json.loads((out / ENVIRONMENT).read_text()) if (out / ENVIRONMENT).is_file() else []
+    atomic_write_text(out / ENVIRONMENT, json.dumps([*sessions, environment()], indent=2))
+    print(f"experiment {out}: {len(cells)} cells, {len({run for _, run, _, _ in jobs} - {None})} pretraining runs",
+          flush=True)
+    for number, (cell, run, run_cfg, ft_cfg) in enumerate(jobs, 1):
+        label = f"[{number}/{len(cells)}] {cell.describe()}"
+        if (Path(ft_cfg.out) / CELL).is_file():
+            print(f"{label}: done, skipped", flush=True)
+            continue
+        if run is not None and not pretraining_finished(Path(run_cfg.out), run):
+            resume = (Path(run_cfg.out) / CHECKPOINT).is_file()
+            print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run.name}", flush=True)
+            pretrain(run_cfg, resume=resume)
+        print(f"{label}: fine-tuning", flush=True)
+        start = time.perf_counter()
+        finetune(ft_cfg, resume=True)
+        row = cell_row(cfg, cell, run, time.perf_counter() - start)
+        atomic_write_text(Path(ft_cfg.out) / CELL, json.dumps(row, indent=2))
+        print(f"{label}: validation macro-F1 {row['macro_f1']:.4f} ({row['finetune_time_s']:.0f} s)", flush=True)
+        write_results(cfg, cells)
+    write_results(cfg, cells)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers were measured: the report quotes it next to every time, and warns when a
+    resumed experiment mixed machines (its times are then not comparable)."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cass": VERSION,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"

@@ -1,0 +1,62 @@
+"""The files of a run directory: their names, and the per-epoch metrics CSV.
+
+Pretraining runs, fine-tuned model directories, experiments and reports all read and write these
+names, so they live here, below every layer that uses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from cass.utils.atomic import atomic_write_text
+
+CONFIG = "config.yaml"
+"""The resolved configuration of a run: enough to rerun it exactly."""
+CHECKPOINT = "checkpoint.safetensors"
+"""Full resume state (weights, optimisers, schedulers, RNG, progress); dropped once a fine-tuning finishes."""
+METRICS = "metrics.csv"
+"""One row per pretraining epoch: loss, learning rate, learning diagnostics, time, img/s, memory."""
+HISTORY = "history.csv"
+"""One row per fine-tuning evaluation: losses, selection-split scores, steps, time."""
+MODEL = "model.safetensors"
+"""A fine-tuned (or probed) classifier: timm weights whose metadata name network, classes and size."""
+KNN_BANK = "knn_bank.safetensors"
+"""The labelled features (and ``k``) of a k-NN classifier."""
+SCORES = "metrics.json"
+"""The scores of a fine-tuned model directory (or of ``cass evaluate``)."""
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text; the header is the union of the rows' keys in first-seen order, None is empty."""
+    buffer = io.StringIO()
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (written by :func:`csv_text` or :class:`MetricsFile`)."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class MetricsFile:
+    """One CSV row per epoch, rewritten atomically; a resumed run drops rows past its checkpoint."""
+
+    def __init__(self, path: Path, resume_epoch: int) -> None:
+        self.path = path
+        rows = read_csv(path) if path.exists() else []
+        self.rows = [r for r in rows if int(r["epoch"]) <= resume_epoch]
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, str]]:
+        return read_csv(path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append({k: str(v) for k, v in row.items()})
+        atomic_write_text(self.path, csv_text(self.rows))
