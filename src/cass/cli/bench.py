@@ -15,7 +15,7 @@ Opt = typer.Option
 
 
 def bench(
-    method: Annotated[list[str] | None, Opt(help="Method to time: cass, dino (repeat; default both).")] = None,
+    method: Annotated[list[str] | None, Opt(help="Registered method to time (repeat; default: every method).")] = None,
     batch_size: Annotated[list[int] | None, Opt(help="Global batch size (repeat; default 16 and 64).")] = None,
     mode: Annotated[list[str] | None, Opt(help="model-only, end-to-end (repeat; default both).")] = None,
     cnn: Annotated[str, Opt(help="timm CNN of CASS (and of DINO with --arch cnn).")] = "resnet50",
@@ -52,7 +52,7 @@ def bench(
     }
     base = merge(base, {key: value for key, value in options.items() if value is not None})
     rows = run_bench(
-        base, methods=method or ("cass", "dino"), batch_sizes=batch_size or (16, 64), modes=mode or MODES,
+        base, methods=method, batch_sizes=batch_size or (16, 64), modes=mode or MODES,
         steps=steps, warmup=warmup, paper_reference=paper,
     )
     typer.echo(json.dumps([row.as_dict() for row in rows], indent=1) if as_json else format_table(rows))

@@ -15,17 +15,22 @@ from cass.config import (
     PretrainConfig,
 )
 from cass.evaluation.subsets import check_fraction
+from cass.methods.registry import method_names
 
-METHODS = ("cass", "dino", "supervised")
-
-
-SELF_SUPERVISED = ("cass", "dino")
-
-
+SUPERVISED = "supervised"
+"""The baseline without pretraining: the same network and initialisation trained with labels only."""
 ARCHS = ("cnn", "vit")
-
-
 BUILTIN_INITS = ("scratch", "imagenet")
+
+
+def is_self_supervised(method: str) -> bool:
+    """Whether a grid method pretrains (a registered method) rather than being the supervised baseline."""
+    return method in method_names()
+
+
+def grid_methods() -> list[str]:
+    """What an experiment can compare: every registered pretraining method, then the supervised baseline."""
+    return [*method_names(), SUPERVISED]
 
 
 @dataclass
@@ -55,7 +60,7 @@ class ExperimentConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     """The images of every cell: a root with ``train/`` and ``val/`` (None: the shipped sample)."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=grid_methods)
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     inits: list[InitSpec] = field(default_factory=lambda: [InitSpec()])
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
@@ -75,7 +80,7 @@ class ExperimentConfig:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Refuse a grid that would fail (or silently mislead) hours into the run."""
-    _check_choices("methods", cfg.methods, METHODS)
+    _check_choices("methods", cfg.methods, tuple(grid_methods()))
     _check_choices("archs", cfg.archs, ARCHS)
     if not cfg.seeds or not cfg.label_fractions or not cfg.inits:
         raise ConfigError("experiment: seeds, label_fractions and inits must each list at least one value")

@@ -26,10 +26,11 @@ from cass.config import (
 from cass.experiment.config import (
     ARCHS,
     BUILTIN_INITS,
-    SELF_SUPERVISED,
     ExperimentConfig,
     InitSpec,
+    is_self_supervised,
 )
+from cass.methods.registry import method_class
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class PretrainRun:
 
     method: str
     arch: str | None
-    """The student's architecture for DINO; None for CASS, which trains both."""
+    """The network a single-network method (DINO) trains; None for a method that trains both (CASS)."""
     init: str
     batch_size: int
     epochs: int
@@ -50,6 +51,7 @@ class PretrainRun:
 
     @property
     def roles(self) -> tuple[str, ...]:
+        """The networks the run exports."""
         return ARCHS if self.arch is None else (self.arch,)
 
     @property
@@ -92,11 +94,11 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
     for batch_size, epochs in dict.fromkeys(settings):
         is_base = (batch_size, epochs) == base
         fractions = cfg.label_fractions if is_base else cfg.sweep_label_fractions
-        methods = cfg.methods if is_base else [m for m in cfg.methods if m in SELF_SUPERVISED]
+        methods = cfg.methods if is_base else [m for m in cfg.methods if is_self_supervised(m)]
         for init in cfg.inits:
             for seed in cfg.seeds:
                 for method in methods:
-                    pretrained = method in SELF_SUPERVISED
+                    pretrained = is_self_supervised(method)
                     for arch in cfg.archs:
                         for fraction in fractions:
                             cells[Cell(method, arch, init.name, fraction, seed,
@@ -106,10 +108,10 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
 
 def pretrain_run(cfg: ExperimentConfig, cell: Cell) -> PretrainRun | None:
     """The pretraining run a cell starts from (None for the supervised baseline)."""
-    if cell.method not in SELF_SUPERVISED:
+    if not is_self_supervised(cell.method):
         return None
     seed = cell.seed if cfg.pretrain_per_seed else cfg.seeds[0]
-    arch = cell.arch if cell.method == "dino" else None
+    arch = None if method_class(cell.method).trains_both_networks else cell.arch
     return PretrainRun(cell.method, arch, cell.init, cell.batch_size, cell.epochs, seed)
 
 

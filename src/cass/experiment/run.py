@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from cass.utils.version import VERSION
 from cass.config import (
     ConfigError,
     load_yaml,
@@ -38,6 +37,7 @@ from cass.training.pretrain import pretrain
 from cass.utils.atomic import atomic_write_text
 from cass.utils.checkpoint import CheckpointError, read_info
 from cass.utils.rundir import CHECKPOINT, CONFIG
+from cass.utils.version import VERSION
 
 EXPERIMENT_YAML = "experiment.yaml"
 

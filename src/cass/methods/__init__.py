@@ -1,6 +1,12 @@
 """Self-supervised methods, one file each; importing this package registers them all."""
 
 from cass.methods import cass, dino  # noqa: F401
-from cass.methods.registry import METHODS, create_method, register_method
+from cass.methods.registry import (
+    METHODS,
+    create_method,
+    method_class,
+    method_names,
+    register_method,
+)
 
-__all__ = ["METHODS", "create_method", "register_method"]
+__all__ = ["METHODS", "create_method", "method_class", "method_names", "register_method"]

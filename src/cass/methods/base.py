@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from cass.config import PretrainConfig
+from cass.config import ConfigError, PretrainConfig
 from cass.models.factory import Network
 
 
@@ -53,7 +53,40 @@ class PretrainMethod(nn.Module):
     ``forward``/``backward`` of the wrapped module).
     """
 
+    # --- what the method is: read by the experiment, fine-tuning, report, bench and CLI --------------
     name: ClassVar[str]
+    """Registry name (``cass pretrain --method NAME``); set by :func:`~cass.methods.registry.register_method`."""
+    display_name: ClassVar[str]
+    """How tables and plots name the method."""
+    objective: ClassVar[str]
+    """One line saying what the loss measures (the report's loss-curve legend)."""
+    trains_both_networks: ClassVar[bool] = True
+    """True: one run trains and exports the CNN and the Transformer (CASS); False: one network, ``cfg.arch``."""
+    supports_swa: ClassVar[bool] = False
+    """Whether ``--swa`` applies (weight averaging of the exported networks)."""
+    config_section: ClassVar[str | None] = None
+    """The :class:`~cass.config.PretrainConfig` field that holds this method's own options."""
+
+    @classmethod
+    def roles(cls, arch: str) -> tuple[str, ...]:
+        """The networks a run exports (``cnn.safetensors``, ``vit.safetensors``), given the config's ``arch``."""
+        return ("cnn", "vit") if cls.trains_both_networks else (arch,)
+
+    @classmethod
+    def label(cls, arch: str | None) -> str:
+        """The name of one run in tables: ``CASS``, or ``DINO-CNN`` for a single-network method."""
+        if cls.trains_both_networks or arch is None:
+            return cls.display_name
+        return f"{cls.display_name}-{'CNN' if arch == 'cnn' else 'ViT'}"
+
+    @classmethod
+    def check_config(cls, cfg: PretrainConfig) -> None:
+        """Refuse options this method cannot honour, naming them (solo-learn's ``add_and_assert_specific_cfg``)."""
+        if cfg.swa and not cls.supports_swa:
+            raise ConfigError(f"--swa is not supported by method {cls.name!r}")
+        if not cls.trains_both_networks and cfg.arch not in ("cnn", "vit"):
+            raise ConfigError(f"--arch must be cnn or vit for method {cls.name!r}, got {cfg.arch!r}")
+
     views_per_image: int = 1
     """Augmented views per image (1 for CASS, 2 + local crops for DINO)."""
 

@@ -34,6 +34,12 @@ def cass_loss(z_cnn: torch.Tensor, z_vit: torch.Tensor) -> torch.Tensor:
 class CASS(PretrainMethod):
     """A timm CNN and a timm Transformer trained together by agreement of their head outputs."""
 
+    display_name = "CASS"
+    objective = "CASS loss: 2 - 2 cos(CNN, ViT outputs)"
+    trains_both_networks = True
+    supports_swa = True
+    config_section = "cass"
+
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
         common = {"init": cfg.init, "num_outputs": cfg.cass.embed_dim, "img_size": cfg.img_size}

@@ -33,8 +33,6 @@ from cass.methods.registry import register_method
 from cass.models.factory import Network, create_network
 from cass.utils.schedules import cosine, cosine_lambda
 
-ARCHS = ("vit", "cnn")
-
 
 class DINOHead(nn.Module):
     """3-layer MLP, L2-normalised bottleneck, then a weight-normalised linear layer onto the prototypes.
@@ -246,10 +244,14 @@ class DINO(PretrainMethod):
     :meth:`extra_state` stays empty.
     """
 
+    display_name = "DINO"
+    objective = "DINO loss: teacher-student cross-entropy"
+    trains_both_networks = False
+    supports_swa = False  # the exported teacher is already an average of past students
+    config_section = "dino"
+
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
-        if cfg.arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
         d = cfg.dino
         self.views_per_image = 2 + d.n_local_crops
         weights = cfg.vit_weights if cfg.arch == "vit" else cfg.cnn_weights

@@ -23,12 +23,25 @@ def register_method(name: str) -> Callable[[type[PretrainMethod]], type[Pretrain
     return add
 
 
-def create_method(cfg: PretrainConfig) -> PretrainMethod:
-    """Instantiate the method named by ``cfg.method``."""
+def method_class(name: str, option: str = "--method") -> type[PretrainMethod]:
+    """The registered class of a method, or an error naming the option and the methods available."""
     import cass.methods  # noqa: F401  (importing the package registers every method)
 
     try:
-        cls = METHODS[cfg.method]
+        return METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown method {cfg.method!r}; available: {', '.join(sorted(METHODS))}") from None
+        raise ConfigError(f"{option}: unknown method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+def method_names() -> list[str]:
+    """Every registered method, in registration order."""
+    import cass.methods  # noqa: F401
+
+    return list(METHODS)
+
+
+def create_method(cfg: PretrainConfig) -> PretrainMethod:
+    """Instantiate the method named by ``cfg.method``, after it has checked its options."""
+    cls = method_class(cfg.method)
+    cls.check_config(cfg)
     return cls(cfg)

@@ -26,10 +26,11 @@ from cass.config import ConfigError, load_yaml
 from cass.data.sources import load_splits
 from cass.data.transforms import eval_transform
 from cass.evaluation.inference import load_classifier
-from cass.experiment.config import SELF_SUPERVISED, ExperimentConfig
+from cass.experiment.config import SUPERVISED, ExperimentConfig, is_self_supervised
 from cass.experiment.plan import Cell
 from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, read_pretraining
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
+from cass.methods.registry import method_class
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
 from cass.utils.atomic import atomic_write_text
 from cass.utils.plots import (
@@ -40,13 +41,11 @@ from cass.utils.plots import (
     plot_heatmaps,
 )
 
-METHOD_NAMES = {"cass": "CASS", "dino": "DINO", "supervised": "Supervised"}
 ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}
 METRIC_NAMES = {
     "macro_f1": "macro-F1", "micro_f1": "micro-F1", "macro_recall": "macro recall",
     "balanced_accuracy": "balanced accuracy", "auroc": "AUROC (macro, one-vs-rest)", "map": "mAP",
 }
-LOSS_NAMES = {"cass": "CASS loss: 2 - 2 cos(CNN, ViT outputs)", "dino": "DINO loss: teacher-student cross-entropy"}
 EXPLAINED_IMAGES = 4
 Row = dict[str, Any]
 
@@ -129,8 +128,13 @@ def _fraction(value: float) -> str:
     return f"{value * 100:g}%"
 
 
+def method_name(method: str) -> str:
+    """How tables name a grid method: the registered method's display name, or the supervised baseline."""
+    return method_class(method).display_name if is_self_supervised(method) else SUPERVISED.capitalize()
+
+
 def _series_label(method: str, init: str) -> str:
-    return f"{METHOD_NAMES[method]} / {init}"
+    return f"{method_name(method)} / {init}"
 
 
 def results_table(report: Report, metric: str = "macro_f1") -> str:
@@ -145,7 +149,7 @@ def results_table(report: Report, metric: str = "macro_f1") -> str:
                 values = []
                 for fraction in fractions:
                     values.append(_format(_mean_std(r[metric] for r in cells.get((method, arch, init, fraction), []))))
-                name = f"| {METHOD_NAMES[method]} | {report.network(arch)} | {init} | "
+                name = f"| {method_name(method)} | {report.network(arch)} | {init} | "
                 lines.append(name + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -198,8 +202,12 @@ def _section_fraction_curves(report: Report) -> str:
 
 
 def _run_label(run: dict[str, str]) -> str:
-    name = "CASS" if run["method"] == "cass" else f"DINO-{'ViT' if run['arch'] == 'vit' else 'CNN'}"
-    return f"{name} / {run['init']} / seed {run['seed']}"
+    return f"{_run_method_label(run)} / {run['init']} / seed {run['seed']}"
+
+
+def _run_method_label(run: dict[str, str]) -> str:
+    """``CASS`` for a run that trains both networks, ``DINO-CNN`` for a single-network run."""
+    return method_class(run["method"]).label(None if run["arch"] == "cnn+vit" else run["arch"])
 
 
 def _section_pretraining_curves(report: Report) -> str:
@@ -211,7 +219,7 @@ def _section_pretraining_curves(report: Report) -> str:
     for run in report.main_runs:
         rows = read_pretraining(report.pretrain_dir(run))
         epochs = [int(r["epoch"]) for r in rows]
-        loss[LOSS_NAMES[run["method"]]][_run_label(run)] = Curve(epochs, [float(r["loss"]) for r in rows])
+        loss[method_class(run["method"]).objective][_run_label(run)] = Curve(epochs, [float(r["loss"]) for r in rows])
         for role in ("cnn", "vit"):
             if f"{role}_output_std" in (rows[0] if rows else {}):
                 label = f"{_run_label(run)} ({role})"
@@ -235,19 +243,22 @@ def _section_pretraining_curves(report: Report) -> str:
 
 
 def _time_groups(report: Report) -> dict[str, list[float]]:
-    """Pretraining seconds per run: CASS, DINO-ViT, DINO-CNN, and both DINO runs of one (init, seed) together."""
+    """Pretraining seconds per run and method, and, for single-network methods (DINO), both networks'
+    runs of one (init, seed) added: the cost of getting a CNN and a Transformer, as one CASS run does."""
     times: dict[str, list[float]] = defaultdict(list)
-    dino: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    pairs: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     for run in report.main_runs:
         seconds = float(run["time_s"])
-        if run["method"] == "cass":
-            times["CASS (CNN + ViT, one run)"].append(seconds)
+        cls = method_class(run["method"])
+        if cls.trains_both_networks:
+            times[f"{cls.display_name} (CNN + ViT, one run)"].append(seconds)
         else:
-            times[f"DINO-{'ViT' if run['arch'] == 'vit' else 'CNN'}"].append(seconds)
-            dino[(run["init"], run["seed"])][run["arch"]] = seconds
-    times["DINO-ViT + DINO-CNN"] = [pair["vit"] + pair["cnn"] for pair in dino.values() if len(pair) == 2]
-    order = ("CASS (CNN + ViT, one run)", "DINO-ViT", "DINO-CNN", "DINO-ViT + DINO-CNN")
-    return {label: times[label] for label in order if times[label]}
+            times[_run_method_label(run)].append(seconds)
+            pairs[(cls.display_name, run["init"], run["seed"])][run["arch"]] = seconds
+    for (name, _, _), pair in pairs.items():
+        if len(pair) == 2:
+            times[f"{name}-ViT + {name}-CNN"].append(pair["vit"] + pair["cnn"])
+    return dict(times)
 
 
 def _section_time(report: Report) -> str:
@@ -282,7 +293,7 @@ def _section_robustness(report: Report) -> str:
     ):
         other = "pretrain_epochs" if key == "pretrain_batch_size" else "pretrain_batch_size"
         fixed = cfg.pretrain.epochs if key == "pretrain_batch_size" else cfg.pretrain.batch_size
-        rows = [r for r in report.rows if r["method"] in SELF_SUPERVISED and r[other] == fixed]
+        rows = [r for r in report.rows if is_self_supervised(r["method"]) and r[other] == fixed]
         if not values or not rows:
             text.append(f"{xlabel.capitalize()}: not run (set `{option}` in the experiment config).")
             continue
@@ -319,7 +330,7 @@ def _section_confusion(report: Report) -> str:
             text.append(f"{_describe_cell(row)}: multi-label data, see the per-label table in `results.json`.")
             continue
         path, image = report.figure(f"confusion_{method}_{arch}.png", f"confusion matrix {method} {arch}")
-        plot_confusion_matrix(matrix, row["classes"], path, f"{METHOD_NAMES[method]} {arch}: F1 {row['macro_f1']:.3f}")
+        plot_confusion_matrix(matrix, row["classes"], path, f"{method_name(method)} {arch}: F1 {row['macro_f1']:.3f}")
         text += [f"**{_describe_cell(row)}** (macro-F1 {row['macro_f1']:.3f})", image]
     return "\n\n".join(text)
 
@@ -369,7 +380,7 @@ def _explanation_figure(report: Report, cells: list[Row], explain: Callable[...,
         classifier = load_classifier(report.cell_dir(row), device="cpu")
         if images is None:
             images, captions = _validation_images(report, classifier.img_size)
-        maps[f"{METHOD_NAMES[row['method']]} ({row['init']}, {_fraction(row['label_fraction'])})"] = explain(
+        maps[f"{method_name(row['method'])} ({row['init']}, {_fraction(row['label_fraction'])})"] = explain(
             classifier.net, images)
     path, image = report.figure(name, what)
     plot_heatmaps(images.permute(0, 2, 3, 1).numpy(), maps, path, captions, what)
@@ -398,17 +409,17 @@ def _comparison(report: Report, arch: str, init: str) -> str | None:
     fractions = report.cfg.label_fractions
     means = {m: [_mean_std(r["macro_f1"] for r in cells.get((m, f), []))[0] for f in fractions]
              for m in report.cfg.methods}
-    if "cass" not in means:
-        return None
-    scores = "; ".join(f"{METHOD_NAMES[m]} " + " / ".join("-" if np.isnan(v) else f"{v:.3f}" for v in values)
+    scores = "; ".join(f"{method_name(m)} " + " / ".join("-" if np.isnan(v) else f"{v:.3f}" for v in values)
                        for m, values in means.items())
     columns = " / ".join(map(_fraction, fractions))
     sentence = f"**{report.network(arch)}, init {init}** (macro-F1 at {columns}): {scores}."
-    for other in (m for m in means if m != "cass"):
-        pairs = [(c, o) for c, o in zip(means["cass"], means[other], strict=True) if not (np.isnan(c) or np.isnan(o))]
-        if pairs:
-            wins = sum(c > o for c, o in pairs)
-            sentence += f" CASS beat {METHOD_NAMES[other]} at {wins} of {len(pairs)} label fractions."
+    best = []
+    for i, fraction in enumerate(fractions):
+        scored = {m: values[i] for m, values in means.items() if not np.isnan(values[i])}
+        if len(scored) > 1:
+            best.append(f"{method_name(max(scored, key=scored.__getitem__))} at {_fraction(fraction)}")
+    if best:
+        sentence += " Highest mean: " + ", ".join(best) + "."
     return sentence
 
 
@@ -444,7 +455,7 @@ def _section_overview(report: Report) -> str:
     return "\n\n".join([
         "# CASS experiment report",
         f"Experiment `{report.run_dir}`: data `{cfg.data.data or 'shipped brain-MRI sample'}`, methods "
-        f"{', '.join(METHOD_NAMES[m] for m in cfg.methods)}, networks {cfg.pretrain.cnn} (CNN) and "
+        f"{', '.join(method_name(m) for m in cfg.methods)}, networks {cfg.pretrain.cnn} (CNN) and "
         f"{cfg.pretrain.vit} (Transformer) at {cfg.pretrain.img_size or 'their default'} px, label fractions "
         f"{', '.join(map(_fraction, cfg.label_fractions))}, seeds {cfg.seeds}; {len(report.rows)} finished "
         f"cells. Run on {report.machine()}.",

@@ -30,7 +30,7 @@ from PIL import Image
 
 from cass.config import ConfigError, PretrainConfig, merge
 from cass.methods.base import PretrainMethod, Progress
-from cass.methods.registry import create_method
+from cass.methods.registry import create_method, method_class, method_names
 from cass.training.fabric import (
     compile_networks,
     make_fabric,
@@ -77,7 +77,7 @@ class BenchRow:
 
 def bench(
     base: PretrainConfig,
-    methods: Sequence[str] = ("cass", "dino"),
+    methods: Sequence[str] | None = None,
     batch_sizes: Sequence[int] = (16, 64),
     modes: Sequence[str] = MODES,
     steps: int = 20,
@@ -86,8 +86,8 @@ def bench(
 ) -> list[BenchRow]:
     """Time every (method, batch size, mode) of ``base`` (networks, size, precision, data, fast options).
 
-    ``base.data`` is the end-to-end data (None: the shipped sample); ``paper_reference`` adds the
-    paper's configuration, model-only, first (slow on a CPU).
+    ``base.data`` is the end-to-end data (None: the shipped sample); ``methods`` default to every
+    registered method; ``paper_reference`` adds the paper's configuration, model-only, first (slow on a CPU).
     """
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -97,7 +97,7 @@ def bench(
     rows = []
     if paper_reference:
         rows.append(_row(merge(base, PAPER), "model-only", steps, warmup, "paper-reference"))
-    for method, batch_size, mode in itertools.product(methods, batch_sizes, modes):
+    for method, batch_size, mode in itertools.product(methods or method_names(), batch_sizes, modes):
         rows.append(_row(merge(base, {"method": method, "batch_size": batch_size}), mode, steps, warmup))
     return rows
 
@@ -124,7 +124,7 @@ def _row(cfg: PretrainConfig, mode: str, steps: int, warmup: int, label: str = "
         _synchronize(device)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return BenchRow(
-        method=cfg.method if cfg.method != "dino" else f"dino-{cfg.arch}",
+        method=cfg.method if type(method).trains_both_networks else f"{cfg.method}-{cfg.arch}",
         mode=mode,
         batch_size=cfg.batch_size,
         img_per_s=steps * cfg.batch_size / elapsed,
@@ -141,7 +141,7 @@ def _row(cfg: PretrainConfig, mode: str, steps: int, warmup: int, label: str = "
 
 
 def _networks(cfg: PretrainConfig) -> str:
-    return f"{cfg.cnn}+{cfg.vit}" if cfg.method == "cass" else getattr(cfg, cfg.arch)
+    return "+".join(getattr(cfg, role) for role in method_class(cfg.method).roles(cfg.arch))
 
 
 def _random_views(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> Any:

@@ -25,7 +25,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cass.utils.version import VERSION
 from cass.config import (
     ConfigError,
     FinetuneConfig,
@@ -47,6 +46,7 @@ from cass.training.fabric import make_fabric
 from cass.utils.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from cass.utils.rundir import CONFIG, KNN_BANK, MODEL, MetricsFile
 from cass.utils.schedules import cosine_lambda
+from cass.utils.version import VERSION
 
 STATE = "checkpoint.safetensors"
 

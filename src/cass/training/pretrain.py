@@ -21,7 +21,6 @@ from lightning.fabric import Fabric
 from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
-from cass.utils.version import VERSION
 from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
 from cass.methods.base import PretrainMethod, Progress
 from cass.methods.registry import create_method
@@ -44,6 +43,7 @@ from cass.utils.checkpoint import (
 )
 from cass.utils.rng import rng_state, set_rng_state
 from cass.utils.rundir import CHECKPOINT, CONFIG, METRICS, MetricsFile
+from cass.utils.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     fabric = make_fabric(run_dir, cfg.accelerator, cfg.precision, cfg.devices, cfg.num_nodes)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
-    if cfg.swa and method.views_per_image > 1:
-        raise ConfigError(f"--swa is supported for single-view methods (cass), not {cfg.method}")
     data = build_train_data(cfg, method, fabric)
     sampler = data.loader.sampler
     steps_per_epoch = len(data.loader)
