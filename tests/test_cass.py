@@ -9,7 +9,8 @@ from conftest import TINY_CNN, TINY_VIT
 
 from cass.config import CassConfig, PretrainConfig
 from cass.methods.base import Progress
-from cass.methods.cass import CASS, cass_loss
+from cass.methods.cass import CASS
+from cass.methods.losses import cass_loss
 
 
 def tiny_cfg(**kw) -> PretrainConfig:

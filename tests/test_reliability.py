@@ -183,7 +183,7 @@ def arm(fault: Fault) -> None:
     """Make this (forked) process meet ``fault``, by wrapping the functions production code calls."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from cass.training import checkpoint
+    from cass.utils import checkpoint
 
     count = 0
 

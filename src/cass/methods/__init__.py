@@ -1,6 +1,6 @@
 """Self-supervised methods, one file each; importing this package registers them all."""
 
-from cass.methods import cass, dino  # noqa: F401
+from cass.methods import cass, cass_vicreg, dino  # noqa: F401
 from cass.methods.registry import (
     METHODS,
     create_method,

@@ -12,22 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.optim import Adam, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from cass.config import PretrainConfig
 from cass.data.transforms import cass_augmentation
 from cass.methods.base import PretrainMethod, Progress, StepOutput
+from cass.methods.losses import cass_loss
 from cass.methods.registry import register_method
 from cass.models.factory import Network, create_network
 from cass.utils.schedules import cosine_lambda
-
-
-def cass_loss(z_cnn: torch.Tensor, z_vit: torch.Tensor) -> torch.Tensor:
-    """``mean_batch(2 - 2 cos(z_cnn, z_vit))``: the squared distance of the L2-normalised outputs."""
-    cos = F.cosine_similarity(z_cnn.float(), z_vit.float(), dim=-1)
-    return (2 - 2 * cos).mean()
 
 
 @register_method("cass")
@@ -42,9 +36,13 @@ class CASS(PretrainMethod):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
-        common = {"init": cfg.init, "num_outputs": cfg.cass.embed_dim, "img_size": cfg.img_size}
+        common = {"init": cfg.init, "num_outputs": self.head_width(), "img_size": cfg.img_size}
         self.cnn = create_network(cfg.cnn, weights=cfg.cnn_weights, role="cnn", **common)
         self.vit = create_network(cfg.vit, weights=cfg.vit_weights, role="vit", **common)
+
+    def head_width(self) -> int:
+        """Width of each network's classification head: the compared outputs (0 = no head)."""
+        return self.cfg.cass.embed_dim
 
     def networks(self) -> dict[str, Network]:
         return {"cnn": self.cnn, "vit": self.vit}
@@ -68,10 +66,14 @@ class CASS(PretrainMethod):
 
     def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:
         """Adam at ``lr``, cosine decay to ``min_lr`` over the whole run, stepped once per iteration."""
-        groups = [self.cnn.parameters(), self.vit.parameters()]
+        groups = self.parameter_groups()
         if not self.cfg.cass.separate_optimizers:
-            groups = [list(self.cnn.parameters()) + list(self.vit.parameters())]
+            groups = [[p for group in groups for p in group]]
         # Fused kernels exist on CPU and GPU; on CPU they are ~3x faster than the default per-tensor loop.
         optimizers: list[Optimizer] = [Adam(params, lr=self.cfg.lr, fused=True) for params in groups]
         schedule = cosine_lambda(total_steps, self.cfg.lr, self.cfg.min_lr)
         return optimizers, [LambdaLR(opt, schedule) for opt in optimizers]
+
+    def parameter_groups(self) -> list[list[torch.nn.Parameter]]:
+        """The CNN's trainable parameters and the Transformer's: one optimiser each by default."""
+        return [list(self.cnn.parameters()), list(self.vit.parameters())]
