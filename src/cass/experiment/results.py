@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cass.config import PretrainConfig, load_yaml
 from cass.experiment.config import ExperimentConfig
 from cass.experiment.plan import Cell, PretrainRun, pretrain_dir, pretrain_run
+from cass.methods.registry import method_class
 from cass.utils.atomic import atomic_write_text
 from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text
 
@@ -26,6 +28,11 @@ PRETRAINING_CSV = "pretraining.csv"
 
 SCORES = ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc", "accuracy", "map")
 """Scalar validation metrics copied into every row (``map`` exists for multi-label data only)."""
+
+
+COST_COLUMNS = {"epoch", "step", "loss", "skipped_steps", "lr", "epoch_time_s", "images_per_s", "device_time_s",
+                "peak_memory_mb"}
+"""Columns of a pretraining ``metrics.csv`` that are progress or cost, not learning diagnostics."""
 
 
 def read_pretraining(run_dir: Path) -> list[dict[str, str]]:
@@ -51,6 +58,14 @@ def _pretraining_summary(cfg: ExperimentConfig, run: PretrainRun) -> dict[str, A
     for role in run.roles:
         for key in (f"{role}_output_std", f"{role}_effective_rank"):
             summary[f"final_{key}"] = float(last[key]) if key in last else None
+    for key in sorted(set(last) - COST_COLUMNS - set(summary)):  # the method's own diagnostics (DINO's entropy)
+        if not key.endswith(("_output_std", "_effective_rank")):
+            summary[f"final_{key}"] = float(last[key])
+    warnings = []
+    if last and (run_dir / CONFIG).is_file():
+        warnings = method_class(run.method).learning_warnings(
+            {k: float(v) for k, v in last.items()}, load_yaml(PretrainConfig, run_dir / CONFIG))
+    summary["warnings"] = " | ".join(warnings)
     summary["dir"] = str(run_dir)
     summary["config"] = str(run_dir / CONFIG)
     return summary

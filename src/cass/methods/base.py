@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from cass.config import ConfigError, PretrainConfig
+from cass.evaluation.diagnostics import collapse_warnings
 from cass.models.factory import Network
 
 
@@ -44,6 +45,9 @@ class StepOutput:
     """Per network role, the (detached) vectors the objective compares: used for the collapse std."""
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per network role, the (detached) pooled backbone features: used for the effective rank."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Scalar learning diagnostics of the step (detached), averaged over the epoch into ``metrics.csv``
+    (DINO: ``teacher_entropy``, ``teacher_student_kl``)."""
 
 
 class PretrainMethod(nn.Module):
@@ -86,6 +90,14 @@ class PretrainMethod(nn.Module):
             raise ConfigError(f"--swa is not supported by method {cls.name!r}")
         if not cls.trains_both_networks and cfg.arch not in ("cnn", "vit"):
             raise ConfigError(f"--arch must be cnn or vit for method {cls.name!r}, got {cfg.arch!r}")
+
+    @classmethod
+    def learning_warnings(cls, row: dict[str, float], cfg: PretrainConfig) -> list[str]:
+        """Plain-language warnings that an epoch's ``metrics.csv`` row shows the method is not learning.
+
+        Every method gets the collapse check on ``<role>_output_std``; methods add their own failure modes.
+        """
+        return collapse_warnings(row, cfg.collapse_threshold)
 
     views_per_image: int = 1
     """Augmented views per image (1 for CASS, 2 + local crops for DINO)."""

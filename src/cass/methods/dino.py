@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
@@ -80,6 +81,15 @@ def linear_warmup(epoch: int, start: float, end: float, warmup_epochs: int) -> f
     return start + (end - start) * epoch / max(warmup_epochs - 1, 1)
 
 
+NOT_LEARNING_MARGIN = 0.1
+"""A DINO loss closer than this (nats) to ln K after warm-up is reported as "not learning"."""
+
+
+def entropy_of(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the entropy (nats) of each row of probabilities: ln K for a uniform row."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the teacher's centred, sharpened softmax and the student's, over crop pairs.
 
@@ -109,6 +119,14 @@ class DINOLoss(nn.Module):
         self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], epoch: int
     ) -> torch.Tensor:
         """Student crops in the teacher's order first (the global ones); the centre is updated after."""
+        return self.loss_and_statistics(student_out, teacher_out, epoch)[0]
+
+    def loss_and_statistics(
+        self, student_out: Sequence[torch.Tensor], teacher_out: Sequence[torch.Tensor], epoch: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss, and what shows whether DINO learns: the teacher's entropy (ln K when its output is
+        uniform: nothing to teach) and the mean KL from teacher to student (the part of the loss the
+        student can still reduce). Both detached; the centre is updated after."""
         temp = self.teacher_temp(epoch)
         targets = [F.softmax((t.float() - self.center) / temp, dim=-1) for t in teacher_out]
         log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
@@ -116,8 +134,13 @@ class DINOLoss(nn.Module):
         all_log_probs = torch.stack(log_probs).sum(0)
         total = sum(-(q * (all_log_probs - log_probs[i])).sum(-1).mean() for i, q in enumerate(targets))
         pairs = len(targets) * len(log_probs) - len(targets)
+        loss = total / pairs
+        with torch.no_grad():
+            entropy = torch.stack([entropy_of(q) for q in targets]).mean()
+            # Every teacher crop meets the same number of student crops, so mean CE - mean H(q) = mean KL.
+            stats = {"teacher_entropy": entropy, "teacher_student_kl": loss.detach() - entropy}
         self.update_center(torch.cat(list(teacher_out)))
-        return total / pairs
+        return loss, stats
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -288,11 +311,28 @@ class DINO(PretrainMethod):
         with torch.no_grad():
             _, teacher_out = self.teacher(images[:2])
         batch = images[0].shape[0]
+        loss, stats = self.loss.loss_and_statistics(student_out, teacher_out, progress.epoch)
         return StepOutput(
-            loss=self.loss(student_out, teacher_out, progress.epoch),
+            loss=loss,
             outputs={self.cfg.arch: student_out[0].detach()},
             features={self.cfg.arch: features[:batch].detach()},
+            stats=stats,
         )
+
+    @classmethod
+    def learning_warnings(cls, row: dict[str, float], cfg: PretrainConfig) -> list[str]:
+        """Collapse warnings, and DINO's own failure: a loss still at ln K (the cross-entropy of a uniform
+        teacher and student) once the warm-ups are over means the student has learned nothing.
+        ``output_std`` cannot see this, since a uniform softmax is not a constant direction."""
+        warnings = super().learning_warnings(row, cfg)
+        chance = math.log(cfg.dino.out_dim)
+        warm = min(cfg.dino.warmup_epochs, cfg.dino.warmup_teacher_temp_epochs, cfg.epochs // 2)
+        gap = chance - float(row["loss"])
+        if int(row["epoch"]) > warm and gap < NOT_LEARNING_MARGIN:
+            warnings.append(
+                f"DINO is not learning: loss {float(row['loss']):.3f} is within {gap:.3f} of ln K = {chance:.3f} "
+                f"(K = {cfg.dino.out_dim} prototypes; the loss of a uniform teacher) after warm-up")
+        return warnings
 
     def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:
         """AdamW (no weight decay on biases and norms), linear warm-up then cosine to ``min_lr``, per step.

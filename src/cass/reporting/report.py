@@ -431,16 +431,12 @@ def _section_reading_guide(report: Report) -> str:
         text.append("One seed only: there is no error estimate, and differences of a few points may be noise.")
     else:
         text.append(f"Differences smaller than the standard deviation over the {len(cfg.seeds)} seeds are noise.")
-    threshold = cfg.pretrain.collapse_threshold
     for run in report.runs:
-        for key, value in run.items():
-            if key.startswith("final_") and key.endswith("_output_std") and value and float(value) < threshold:
-                role = key.removeprefix("final_").removesuffix("_output_std")
-                text.append(
-                    f"**Collapse warning:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs) "
-                    f"ended with {role} output std {float(value):.3f} < {threshold} (1 = healthy): its network emits "
-                    "nearly the same output for every image, so what fine-tuning gains from it comes mostly from its "
-                    "initialisation, not from the self-supervision.")
+        for warning in filter(None, (run.get("warnings") or "").split(" | ")):
+            text.append(
+                f"**Did not learn:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs): {warning}. "
+                "What fine-tuning gains from this run comes mostly from its initialisation, not from the "
+                "self-supervision.")
     stand_ins = [i for i in cfg.inits if i.name not in ("scratch", "imagenet")]
     names = ["`scratch` is random initialisation"] + (
         ["`imagenet` is timm's ImageNet weights"] if any(i.name == "imagenet" for i in cfg.inits) else [])

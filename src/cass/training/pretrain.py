@@ -22,9 +22,9 @@ from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
+from cass.evaluation.diagnostics import CollapseMonitor
 from cass.methods.base import PretrainMethod, Progress
 from cass.methods.registry import create_method
-from cass.training.diagnostics import CollapseMonitor, collapse_warnings
 from cass.training.fabric import (
     compile_networks,
     make_fabric,
@@ -120,6 +120,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             torch.cuda.reset_peak_memory_stats(fabric.device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=fabric.device)
+        stat_sums: dict[str, torch.Tensor] = {}
         skipped = 0
         bar = tqdm(data.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not fabric.is_global_zero,
                    leave=False, file=sys.stdout, dynamic_ncols=True)
@@ -131,6 +132,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
                 continue
             state.step += 1
             loss_sum += out.loss.detach()
+            for key, value in out.stats.items():
+                stat_sums[key] = stat_sums.get(key, 0) + value.detach().float()
             monitor.update(out.outputs, out.features)
             if (i + 1) % 10 == 0 or i + 1 == steps_per_epoch:
                 elapsed = time.perf_counter() - start
@@ -151,13 +154,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             "skipped_steps": skipped,
             "lr": schedulers[0].get_last_lr()[0],
             **monitor.compute(),
+            **{key: float(fabric.all_reduce(total / max(done, 1), reduce_op="mean")) for key, total in stat_sums.items()},
             "epoch_time_s": epoch_time,
             "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "device_time_s": epoch_time * fabric.world_size,
             "peak_memory_mb": peak_memory_mb(fabric.device),
         }
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
-        _report_epoch(fabric, row, cfg)
+        _report_epoch(fabric, row, cfg, type(method).learning_warnings(row, cfg), list(stat_sums))
         if state.epoch == cfg.epochs and swa is not None:
             for averaged in swa.models.values():
                 update_bn((data.augment(fabric.to_device(views)) for views, _, _ in data.loader), averaged)
@@ -168,14 +172,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def _report_epoch(fabric: Fabric, row: dict[str, Any], cfg: PretrainConfig) -> None:
+def _report_epoch(fabric: Fabric, row: dict[str, Any], cfg: PretrainConfig, warnings: list[str],
+                  stats: list[str]) -> None:
+    """One console line per epoch with the learning diagnostics, then the method's warnings."""
     parts = [f"epoch {row['epoch']}/{cfg.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
     for key, value in row.items():
-        if key.endswith("_output_std") or key.endswith("_effective_rank"):
+        if key.endswith("_output_std") or key.endswith("_effective_rank") or key in stats:
             parts.append(f"{key} {value:.3f}")
     parts.append(f"{row['images_per_s']:.1f} img/s")
     fabric.print("  ".join(parts))
-    for warning in collapse_warnings(row, cfg.collapse_threshold):
+    for warning in warnings:
         log.warning(warning)
         fabric.print(f"WARNING: {warning}")
 
