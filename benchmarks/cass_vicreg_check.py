@@ -9,7 +9,7 @@ train labels (stratified, seed 0), scored on the ``val/`` split. Nothing is sele
 Writes ``OUT/summary.json`` (per-epoch output std of both networks, epoch times, k-NN macro-F1) and
 prints a table. Usage (one torch job at a time on a 2-core machine):
 
-    .venv/bin/python benchmarks/cass_vicreg_check.py DATA.zip OUT [--epochs 3] [--img-size 64]
+    .venv/bin/python benchmarks/cass_vicreg_check.py DATA.zip OUT [--epochs 3] [--img-size 64] [--runs ...]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--label-fraction", type=float, default=0.1)
+    parser.add_argument("--runs", nargs="*", default=[f"{m}_bs{b}" for m, b in RUNS],
+                        help="which of the runs (default all: " + " ".join(f"{m}_bs{b}" for m, b in RUNS) + ")")
     args = parser.parse_args()
     out = Path(args.out)
     data = DataConfig(data=args.data, num_workers=0)
@@ -51,6 +53,8 @@ def main() -> None:
         summary["random_init"][arch] = knn("scratch", arch, out / f"knn_scratch_{arch}")
     for method, batch in RUNS:
         name = f"{method}_bs{batch}"
+        if name not in args.runs:
+            continue
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
