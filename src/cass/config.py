@@ -142,8 +142,9 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     source: str = "scratch"
     """``--from``: a pretraining run directory, ``imagenet``, ``scratch`` (the supervised baseline) or a weights file."""
-    arch: str = "cnn"
-    """Which network: ``cnn`` or ``vit`` (for a CASS run, which of its two networks)."""
+    arch: str | None = None
+    """Which network: ``cnn`` or ``vit`` (for a CASS run, which of its two networks). None: the pretraining
+    run's network when its method trains only one (DINO), else ``cnn``."""
     cnn: str = "resnet50"
     vit: str = "vit_base_patch16_384"
     weights: str | None = None

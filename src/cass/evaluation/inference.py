@@ -25,7 +25,8 @@ from cass.evaluation.features import (
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.models.factory import Network, create_network
 from cass.models.weights import load_state_dict_file
-from cass.utils.atomic import atomic_write_text
+from cass.utils.atomic import atomic_write, atomic_write_text
+from cass.utils.checkpoint import read_info
 from cass.utils.plots import plot_confusion_matrix
 from cass.utils.rundir import KNN_BANK, MODEL
 
@@ -40,14 +41,15 @@ class Classifier:
     img_size: int
     knn_bank: dict[str, torch.Tensor] | None
     device: torch.device
+    knn_k: int = 20
+    """The k of a k-NN model (``knn_k`` when it was made; stored in its bank's metadata)."""
 
     @torch.no_grad()
     def logits(self, images: ImageSet, batch_size: int = 64) -> torch.Tensor:
         """Scores (N, C) for every image: head logits, or k-NN log-probabilities."""
         feats = torch.from_numpy(extract_features(self.net, images, self.img_size, batch_size, self.device))
         if self.knn_bank is not None:
-            k = self.knn_bank.get("k", 20)
-            knn = fit_knn(self.knn_bank["features"].numpy(), self.knn_bank["targets"].numpy(), int(k))
+            knn = fit_knn(self.knn_bank["features"].numpy(), self.knn_bank["targets"].numpy(), self.knn_k)
             return knn_logits(knn, feats.numpy(), len(self.classes))
         return self.net.model.get_classifier()(feats.to(self.device)).float().cpu()
 
@@ -63,11 +65,12 @@ def load_classifier(model_dir: str | Path, device: str | torch.device | None = N
     num_outputs = 0 if knn else len(info["classes"])
     net = create_network(info["timm_name"], num_outputs=num_outputs, img_size=info["img_size"])
     net.model.load_state_dict(load_state_dict_file(model_dir / MODEL), strict=not knn)
-    bank = None
+    bank, k = None, 20
     if knn:
         bank = load_state_dict_file(model_dir / KNN_BANK)
+        k = int(read_info(model_dir / KNN_BANK).get("k", k))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], bank, device)
+    return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], bank, device, k)
 
 
 def _labelled_split(data: str | Path, split: str | None) -> ImageSet:
@@ -148,6 +151,12 @@ def embed(model_dir: str | Path, input_path: str | Path, out: str | Path) -> Pat
     features = extract_features(classifier.net, images, classifier.img_size, 64, classifier.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "features.npy", features)
+    atomic_write(out / "features.npy", lambda tmp: _save_npy(tmp, features))
     atomic_write_text(out / "files.csv", "path\n" + "".join(f"{k}\n" for k in images.keys))
     return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to exactly ``path`` (given a name, it would append ``.npy`` to the temporary one)."""
+    with open(path, "wb") as fh:
+        np.save(fh, array)

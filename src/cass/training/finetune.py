@@ -13,7 +13,6 @@ labelled files used) and ``config.yaml``; its resume state is deleted once it fi
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +40,26 @@ from cass.evaluation.features import extract_features, fit_knn, knn_logits
 from cass.evaluation.losses import class_weights, create_loss
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.evaluation.subsets import label_fraction_indices, save_subset
+from cass.methods.registry import method_class
 from cass.models.factory import Network, create_network
 from cass.training.fabric import make_fabric
+from cass.training.failures import check_finite_loss
+from cass.utils.atomic import atomic_write_text
 from cass.utils.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from cass.utils.rundir import CONFIG, KNN_BANK, MODEL, MetricsFile
+from cass.utils.rng import rng_state, set_rng_state
+from cass.utils.rundir import (
+    CHECKPOINT,
+    CONFIG,
+    HISTORY,
+    KNN_BANK,
+    MODEL,
+    SCORES,
+    MetricsFile,
+)
 from cass.utils.schedules import cosine_lambda
 from cass.utils.version import VERSION
 
-STATE = "checkpoint.safetensors"
+STATE = CHECKPOINT
 
 
 MODES = ("full", "linear", "knn")
@@ -65,22 +76,39 @@ class Backbone:
     role: str
 
 
+def check_source(cfg: FinetuneConfig) -> None:
+    """Refuse a ``--from`` that names nothing, before any data is read."""
+    if cfg.source not in ("scratch", "imagenet") and not Path(cfg.source).exists():
+        raise ConfigError(f"--from {cfg.source}: no such pretraining run directory or weights file "
+                          "(or use --from scratch / --from imagenet)")
+
+
 def resolve_backbone(cfg: FinetuneConfig) -> Backbone:
-    """Read a pretraining run's config so the right network of the right method is fine-tuned."""
-    if cfg.arch not in ("cnn", "vit"):
+    """Read a pretraining run's config so the right network of the right method is fine-tuned.
+
+    ``cfg.arch`` None means the run's network when it trained only one (its method says so), else the CNN.
+    """
+    if cfg.arch is not None and cfg.arch not in ("cnn", "vit"):
         raise ConfigError(f"--arch must be cnn or vit, got {cfg.arch!r}")
+    check_source(cfg)
     source = Path(cfg.source)
     if cfg.source not in ("scratch", "imagenet") and source.is_dir():
         run_cfg = source / CONFIG
         if not run_cfg.is_file():
             raise ConfigError(f"--from {source}: not a pretraining run directory (no {CONFIG})")
         pre = load_yaml(PretrainConfig, run_cfg)
-        if pre.method != "cass" and pre.arch != cfg.arch:
-            raise ConfigError(f"--from {source} is a {pre.method} run of its {pre.arch}; use --arch {pre.arch}")
-        name = pre.cnn if cfg.arch == "cnn" else pre.vit
-        return Backbone(name, str(source), None, cfg.img_size or pre.img_size, cfg.arch)
-    name = cfg.cnn if cfg.arch == "cnn" else cfg.vit
-    return Backbone(name, cfg.source, cfg.weights, cfg.img_size, cfg.arch)
+        arch = cfg.arch
+        if not method_class(pre.method, option=f"--from {source}: method").trains_both_networks:
+            if arch is not None and arch != pre.arch:
+                raise ConfigError(f"--from {source} is a {pre.method} run of its {pre.arch} only, not a {arch}; "
+                                  f"use --arch {pre.arch} (or leave --arch out)")
+            arch = pre.arch
+        arch = arch or "cnn"
+        name = pre.cnn if arch == "cnn" else pre.vit
+        return Backbone(name, str(source), None, cfg.img_size or pre.img_size, arch)
+    arch = cfg.arch or "cnn"
+    name = cfg.cnn if arch == "cnn" else cfg.vit
+    return Backbone(name, cfg.source, cfg.weights, cfg.img_size, arch)
 
 
 def build_classifier(backbone: Backbone, num_classes: int) -> Network:
@@ -112,7 +140,13 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     """Fine-tune or probe one network on ``cfg.label_fraction`` of the train labels; returns the model dir."""
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    check_source(cfg)
     out = Path(cfg.out)
+    if resume and finished(out):
+        (out / STATE).unlink(missing_ok=True)  # a run stopped between its scores and this deletion
+        print(f"{out} already holds a finished model (validation macro-F1 "
+              f"{json.loads((out / SCORES).read_text())['macro_f1']:.4f}); nothing to resume", flush=True)
+        return out
     if (out / MODEL).exists() and not resume and not (out / STATE).exists():
         raise ConfigError(f"{out} already holds a fine-tuned model; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -140,10 +174,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
         metrics = _knn(cfg, fabric, net, labelled, val, out, info)
     else:
         metrics = _train(cfg, fabric, net, labelled, val, out, info, resume)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
+    (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
     fabric.print(f"validation macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics.get('epoch', '-')}); "
                  f"model directory: {out}")
     return out
+
+
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished model directory (its scores are written only at the end)."""
+    return (out / MODEL).is_file() and (out / SCORES).is_file()
 
 
 def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
@@ -164,19 +204,23 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
     loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)
     metrics = ClassificationMetrics(labelled.classes, labelled.multilabel)
 
-    progress = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0}
+    progress = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "stopped": False}
     best: dict[str, Any] = {}
+    saved: dict[str, Any] | None = None
     if resume and (out / STATE).exists():
         saved, _ = load_checkpoint(out / STATE)
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        progress, best = saved["progress"], json.loads(saved["best"])
+        progress, best = {**progress, **saved["progress"]}, json.loads(saved["best"])
     net, optimizer = fabric.setup(net, optimizer)
     loss_fn, metrics = loss_fn.to(fabric.device), metrics.to(fabric.device)
-    history = MetricsFile(out / "history.csv", progress["epoch"])
+    history = MetricsFile(out / HISTORY, progress["epoch"])
+    if saved is not None and "rng" in saved:  # older fine-tuning checkpoints lack it
+        set_rng_state(saved["rng"])  # after everything above drew its numbers: the run continues exactly
 
-    for epoch in range(progress["epoch"], cfg.epochs):
+    first = cfg.epochs if progress["stopped"] else progress["epoch"]
+    for epoch in range(first, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_loader.dataset.set_epoch(epoch)
         net.train()
@@ -193,10 +237,11 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
             optimizer.step()
             scheduler.step()
             train_loss += loss.detach()
-        val_loss, scores = _validate(net, val_loader, loss_fn, metrics, fabric.device)
         mean_train = float(train_loss) / len(train_loader)
-        if not math.isfinite(mean_train):
-            raise FloatingPointError(f"fine-tuning loss became {mean_train} in epoch {epoch + 1}; lower --lr")
+        # Before this epoch's model, history or checkpoint is written: the last good epoch stays on disk.
+        check_finite_loss(mean_train, epoch + 1, out, out / STATE, progress["epoch"],
+                          advice=f"lower --lr (was {cfg.lr:g}) or check the data")
+        val_loss, scores = _validate(net, val_loader, loss_fn, metrics, fabric.device)
         progress["epoch"] = epoch + 1
         improved = scores["macro_f1"] > progress["best_f1"]
         if improved:
@@ -211,12 +256,13 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
                            if k in scores}})
         fabric.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {mean_train:.4f}  val loss {val_loss:.4f}  "
                      f"val macro-F1 {scores['macro_f1']:.4f}{'  (best)' if improved else ''}")
-        stop = progress["stale"] >= cfg.patience
+        progress["stopped"] = stop = progress["stale"] >= cfg.patience
         save_checkpoint(out / STATE, {"net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scheduler": scheduler.state_dict(), "progress": progress,
-                                      "best": json.dumps(best)}, {"config": (out / CONFIG).read_text()})
+                                      "best": json.dumps(best), "rng": rng_state()},
+                        {"config": (out / CONFIG).read_text()})
         if stop:
-            fabric.print(f"early stop: no better validation macro-F1 for {cfg.patience} epochs")
+            fabric.print(f"early stop: no better validation macro-F1 for {cfg.patience} evaluations")
             break
     return best
 
