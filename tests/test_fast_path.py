@@ -225,7 +225,7 @@ def test_bench_cli_prints_json_rows_and_the_paper_reference(shared_data, tmp_pat
     app.command()(bench_command)
     app.command("unused")(lambda: None)  # a second command keeps typer's subcommand syntax
     result = CliRunner().invoke(app, ["bench", "--method", "cass", "--batch-size", "32", "--mode", "end-to-end",
-                                      "--img-size", "64", "--data", "x.zip", "--json"])
+                                      "--img-size", "64", "--data", "x.zip", "--paper", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [(r["method"], r["mode"], r["batch_size"], r["label"]) for r in rows] == [

@@ -7,6 +7,7 @@ objects, so a run directory's ``config.yaml`` is always enough to rerun it exact
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,26 +28,51 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names the option (and the file)."""
 
 
+SEED_MAX = 2**32 - 1
+
+
+def opt(
+    default: Any,
+    *,
+    flag: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field with its command-line ``flag`` and allowed range, kept in the field's metadata.
+
+    ``flag``: the option's name when the generated one (``--field-name``, ``--section-field-name`` for a
+    nested section) would not do; ``--x/--no-y`` for a boolean with its own negative. Range: ``ge``/``le``
+    are inclusive bounds, ``gt``/``lt`` exclusive ones; :func:`check_ranges` enforces them (None passes).
+    """
+    metadata = {key: value for key, value in (("flag", flag), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                if value is not None}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how they are read."""
 
-    data: str | None = None
+    data: str | None = opt(None, flag="--data")
     """Folder, CSV, zip or .npz; a root with ``train/`` and ``val/`` splits. None: the shipped sample."""
-    val_data: str | None = None
+    val_data: str | None = opt(None, flag="--val-data")
     """Overrides the ``val`` split found under ``data``."""
-    num_workers: int = 2
-    skip_bad_images: bool = False
+    num_workers: int | None = opt(None, flag="--num-workers", ge=0)
+    """Data-loading worker processes. None: automatic (:func:`cass.data.loaders.default_workers`): 0 on the
+    cache path (batches are only gathered there), else min(4, CPU cores - 1)."""
+    skip_bad_images: bool = opt(False, flag="--skip-bad-images/--stop-on-bad-images")
     """Skip unreadable images (counted and reported) instead of stopping with an error."""
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = opt(DEFAULT_MAX_PIXELS, flag="--max-image-pixels", ge=1)
     """Refuse images larger than this many pixels (decompression bombs)."""
-    path: str = "auto"
+    path: str = opt("auto", flag="--data-path")
     """How images are read. ``cache``: decoded once into a memory-mapped uint8 file at the network's size
     (in ``cache_dir``), shared by pretraining and fine-tuning; pretraining then augments in batches on the
     device (:mod:`cass.data.device_augment`); ``pil``: decoded and augmented per image in DataLoader workers
     every epoch; ``auto``: ``cache`` unless the disk has no room for it (or, in pretraining, the method's
     augmentation has a step the device path lacks)."""
-    cache_dir: str | None = None
+    cache_dir: str | None = opt(None, flag="--cache-dir")
     """Folder of decoded-image caches; None: ``$CASS_CACHE_DIR``, else ``~/.cache/cass``."""
 
 
@@ -54,38 +80,78 @@ class DataConfig:
 class CassConfig:
     """Options of the CASS objective (SPEC §1). Defaults are the paper's."""
 
-    embed_dim: int = 1000
+    embed_dim: int = opt(1000, ge=1)
     """Width of the compared outputs: the classification heads (1000 = ImageNet heads)."""
     separate_optimizers: bool = True
     """One Adam per network (the paper's notebooks) or one over both."""
 
 
 @dataclass
+class CassVicregConfig:
+    """Options of ``cass-vicreg``: CASS's CNN-Transformer agreement plus VICReg's variance and covariance
+    terms on each network's projections, which make the constant output that faithful CASS falls into costly.
+    Not the paper's method; weights are VICReg's (Bardes et al. 2022)."""
+
+    proj_hidden_dim: int = opt(1024, ge=1)
+    """Hidden width of each network's projector (Linear, BatchNorm, ReLU, Linear)."""
+    proj_dim: int = opt(256, ge=1)
+    """Width of the projections the loss compares. Kept small because a covariance over a batch of B images
+    has rank at most B - 1: with 256 dimensions at batch 16 the covariance term cannot reach zero, but its
+    floor is a constant that leaves the gradient towards decorrelated, non-constant outputs intact."""
+    invariance_weight: float = opt(25.0, ge=0)
+    """Weight of the mean squared error between the CNN's and the Transformer's projections."""
+    variance_weight: float = opt(25.0, ge=0)
+    """Weight of the hinge on each projection dimension's std over the batch (target ``variance_target``)."""
+    covariance_weight: float = opt(1.0, ge=0)
+    """Weight of the squared off-diagonal covariances of each network's projections."""
+    variance_target: float = opt(1.0, gt=0)
+    """The std each projection dimension is pushed to reach (VICReg's gamma)."""
+
+
+@dataclass
 class DinoConfig:
     """Options of the DINO baseline (Caron et al. 2021, standard recipe)."""
 
-    base_lr: float = 5e-4
+    base_lr: float = opt(5e-4, gt=0)
     """Learning rate per 256 images (DINO's linear scaling); ``lr`` is CASS's and is not used by DINO."""
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    n_local_crops: int = 10
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    local_crop_fraction: float = 96 / 224
+    out_dim: int = opt(65536, ge=1)
+    """Output dimensions of the DINO head (prototypes)."""
+    hidden_dim: int = opt(2048, ge=1)
+    """Hidden width of the DINO head's MLP."""
+    bottleneck_dim: int = opt(256, ge=1)
+    """Width of the head's bottleneck before the last (weight-normalised) layer."""
+    n_local_crops: int = opt(10, ge=0)
+    """Small local crops per image, besides the two global ones."""
+    global_crop_scale: tuple[float, float] = opt((0.4, 1.0), gt=0, le=1)
+    """Area range of the global crops, as fractions of the image."""
+    local_crop_scale: tuple[float, float] = opt((0.05, 0.4), gt=0, le=1)
+    """Area range of the local crops, as fractions of the image."""
+    local_crop_fraction: float = opt(96 / 224, gt=0, le=1)
     """Local crop size as a fraction of the image size (96 px at 224)."""
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    warmup_epochs: int = 10
-    clip_grad: float = 3.0
-    freeze_last_layer_epochs: int = 1
+    teacher_temp: float = opt(0.07, gt=0)
+    """Teacher softmax temperature after its warm-up."""
+    warmup_teacher_temp: float = opt(0.04, gt=0)
+    """Teacher softmax temperature at the start of its warm-up."""
+    warmup_teacher_temp_epochs: int = opt(30, ge=0)
+    """Epochs of the teacher temperature's linear warm-up (at most the run)."""
+    student_temp: float = opt(0.1, gt=0)
+    """Student softmax temperature."""
+    center_momentum: float = opt(0.9, ge=0, lt=1)
+    """EMA momentum of the centre subtracted from the teacher's outputs."""
+    momentum_teacher: float = opt(0.996, ge=0, le=1)
+    """Teacher EMA momentum at the start (cosine schedule to 1)."""
+    weight_decay: float = opt(0.04, ge=0)
+    """Weight decay at the start (cosine schedule to ``weight_decay_end``)."""
+    weight_decay_end: float = opt(0.4, ge=0)
+    """Weight decay at the end of the run."""
+    warmup_epochs: int = opt(10, ge=0)
+    """Epochs of linear learning-rate warm-up (at most half the run)."""
+    clip_grad: float = opt(3.0, ge=0)
+    """Per-tensor gradient norm clipping of the student; 0: off."""
+    freeze_last_layer_epochs: int = opt(1, ge=0)
+    """Epochs during which the head's last layer is not updated."""
     norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with a fixed norm (DINO's stabler choice)."""
 
 
 @dataclass
@@ -93,30 +159,44 @@ class PretrainConfig:
     """A self-supervised pretraining run (CASS or a baseline method)."""
 
     method: str = "cass"
+    """Pretraining method: a registered name (``cass``, the paper's; ``dino``, the baseline; ...)."""
     data: DataConfig = field(default_factory=DataConfig)
     cnn: str = "resnet50"
+    """timm name of the CNN."""
     vit: str = "vit_base_patch16_384"
+    """timm name of the Transformer."""
     arch: str = "vit"
     """For single-network methods (DINO): which of ``cnn``/``vit`` is trained."""
     init: str = "scratch"
     """``scratch``, ``imagenet`` (timm download, or the ``*_weights`` files), or a checkpoint path."""
     cnn_weights: str | None = None
+    """Local ImageNet weights of the CNN (safetensors or state dict) for ``init`` ``imagenet``."""
     vit_weights: str | None = None
-    img_size: int | None = None
+    """Local ImageNet weights of the Transformer."""
+    img_size: int | None = opt(None, ge=1)
     """Input size in pixels; None: the size in the model's own config (384 for the paper's ViT)."""
-    batch_size: int = 16
+    batch_size: int = opt(16, ge=1)
     """Global batch size (split over all processes)."""
-    epochs: int = 100
-    lr: float = 1e-3
-    min_lr: float = 1e-6
+    epochs: int = opt(100, ge=1)
+    """Training epochs."""
+    lr: float = opt(1e-3, gt=0)
+    """Peak learning rate (cosine schedule down to ``min_lr``)."""
+    min_lr: float = opt(1e-6, ge=0)
+    """Learning rate at the end of the cosine schedule."""
     swa: bool = False
     """Average weights (torch.optim.swa_utils) from ``swa_start`` of the run; the paper mentions SWA."""
-    swa_start: float = 0.75
-    seed: int = 0
+    swa_start: float = opt(0.75, ge=0, lt=1)
+    """Fraction of the epochs after which weights are averaged (with ``swa``)."""
+    seed: int = opt(0, ge=0, le=SEED_MAX)
+    """Seed of initialisation, image order and augmentations."""
     out: str = "runs/pretrain"
-    devices: int = 1
-    num_nodes: int = 1
+    """Run directory."""
+    devices: int = opt(1, ge=1)
+    """Devices (GPUs or CPU processes) per node."""
+    num_nodes: int = opt(1, ge=1)
+    """Nodes for multi-node DDP."""
     accelerator: str = "auto"
+    """``auto``, ``cpu`` or ``gpu``."""
     precision: str = "auto"
     """``auto`` = bf16 autocast on GPU, fp32 on CPU; or any Lightning precision string."""
     channels_last: bool = True
@@ -128,11 +208,13 @@ class PretrainConfig:
     CUDA graphs; for the small batches (8-32) CASS is meant for, whose steps are bound by kernel launches."""
     on_nonfinite_loss: str = "stop"
     """``stop`` (keep the last good checkpoint and exit with a message) or ``skip`` (drop that step, count it)."""
-    collapse_threshold: float = 0.1
+    collapse_threshold: float = opt(0.1, ge=0)
     """Warn when the output std (1 = healthy, 0 = collapsed) falls below this."""
-    diagnostics_samples: int = 512
+    diagnostics_samples: int = opt(512, ge=1)
+    """Outputs per epoch and network from which the collapse diagnostics are computed."""
     cass: CassConfig = field(default_factory=CassConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    cass_vicreg: CassVicregConfig = field(default_factory=CassVicregConfig)
 
 
 @dataclass
@@ -140,34 +222,51 @@ class FinetuneConfig:
     """Supervised fine-tuning or probing of one network with a fraction of the labels (SPEC §1, §2)."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    source: str = "scratch"
-    """``--from``: a pretraining run directory, ``imagenet``, ``scratch`` (the supervised baseline) or a weights file."""
+    source: str = opt("scratch", flag="--from")
+    """A pretraining run directory, ``imagenet``, ``scratch`` (the supervised baseline) or a weights file."""
     arch: str | None = None
     """Which network: ``cnn`` or ``vit`` (for a CASS run, which of its two networks). None: the pretraining
     run's network when its method trains only one (DINO), else ``cnn``."""
     cnn: str = "resnet50"
+    """timm name of the CNN when ``source`` is not a pretraining run."""
     vit: str = "vit_base_patch16_384"
+    """timm name of the Transformer when ``source`` is not a pretraining run."""
     weights: str | None = None
     """Local ImageNet weights when ``source`` is ``imagenet``."""
     mode: str = "full"
     """``full`` (end-to-end, the paper's protocol), ``linear`` (head on frozen features) or ``knn``."""
-    label_fraction: float = 1.0
-    seed: int = 0
-    epochs: int = 50
-    lr: float = 3e-4
-    min_lr: float = 1e-6
-    batch_size: int = 16
-    img_size: int | None = None
+    label_fraction: float = opt(1.0, gt=0, le=1)
+    """Fraction of the training labels used, e.g. 0.01, 0.1 or 1.0 (stratified, at least one per class)."""
+    seed: int = opt(0, ge=0, le=SEED_MAX)
+    """Seed of the label subset, initialisation and augmentations."""
+    epochs: int = opt(50, ge=1)
+    """Evaluations at most, one per pass over the labelled images, or per few passes when ``min_steps``
+    needs more (early stopping on the selection split's macro-F1, see ``patience``)."""
+    lr: float = opt(3e-4, gt=0)
+    """Peak learning rate (cosine schedule down to ``min_lr``)."""
+    min_lr: float = opt(1e-6, ge=0)
+    """Learning rate at the end of the cosine schedule."""
+    batch_size: int = opt(16, ge=1)
+    """Batch size."""
+    img_size: int | None = opt(None, ge=1)
+    """Input size in pixels; None: the pretraining run's, else the model's own."""
     loss: str = "focal"
     """``focal`` (sigmoid focal loss, alpha 1, gamma 2) or ``ce`` (cross-entropy; BCE for multi-label)."""
     class_weights: str = "inverse"
     """``inverse`` (inverse frequency, normalised), ``none``, or ``paper`` (the public code's: grows with frequency)."""
-    patience: int = 10
-    """Early stopping: epochs without a better validation macro-F1."""
-    knn_k: int = 20
+    patience: int = opt(10, ge=1)
+    """Early stopping: evaluations on the selection split without a better macro-F1."""
+    min_steps: int = opt(200, ge=0)
+    """Optimiser steps at least, whatever the label fraction: a small labelled subset gets more passes
+    over its images between evaluations (``epochs`` stays the number of evaluations)."""
+    knn_k: int = opt(20, ge=1)
+    """Neighbours of the k-NN probe (``mode`` ``knn``)."""
     out: str = "runs/finetune"
+    """Output model directory."""
     accelerator: str = "auto"
+    """``auto``, ``cpu`` or ``gpu``."""
     precision: str = "auto"
+    """``auto`` = bf16 autocast on GPU, fp32 on CPU; or any Lightning precision string."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -184,7 +283,69 @@ def _plain(value: Any) -> Any:
 
 
 def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build ``cls`` from a dict, refusing unknown keys and wrong types with the option's name."""
+    """Build ``cls`` from a dict, refusing unknown keys, wrong types and out-of-range values with the option's name."""
+    cfg = _from_dict(cls, values, where)
+    check_ranges(cfg, where)
+    return cfg
+
+
+def option_flag(f: dataclasses.Field, section: str = "") -> str:
+    """The command-line flag of a config field: its ``flag`` metadata, else ``--<section>-<field-name>``.
+
+    ``section`` is the name of the nested section holding the field (``dino``), empty at the top level.
+    A boolean's declared ``--x/--no-y`` is returned whole; a generated one is ``--x`` (its negative is ``--no-x``).
+    """
+    declared = f.metadata.get("flag")
+    if declared:
+        return declared
+    return "--" + "-".join(part for part in (section, f.name) if part).replace("_", "-")
+
+
+def check_ranges(cfg: Any, where: str = "config") -> None:
+    """Refuse numeric values outside the range in their field's metadata (``ge``/``gt``/``le``/``lt``).
+
+    Walks nested sections; a tuple or list is checked element by element and None ("automatic") passes.
+    For the configs of ``cass pretrain`` and ``cass finetune`` the message also names the option's flag.
+    """
+    _check_ranges(cfg, where, "" if isinstance(cfg, (PretrainConfig, FinetuneConfig)) else None)
+
+
+def _check_ranges(cfg: Any, where: str, section: str | None) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{where}.{f.name}", None if section is None else f.name)
+            continue
+        bounds = {key: f.metadata[key] for key in ("ge", "gt", "le", "lt") if key in f.metadata}
+        if not bounds:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None or isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item) or not _within(item, bounds):
+                flag = "" if section is None else f" ({option_flag(f, section).split('/')[0]})"
+                raise ConfigError(f"{where}.{f.name}{flag}: must be {describe_range(bounds)}, got {value!r}")
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return ((("ge" not in bounds) or value >= bounds["ge"]) and (("gt" not in bounds) or value > bounds["gt"])
+            and (("le" not in bounds) or value <= bounds["le"]) and (("lt" not in bounds) or value < bounds["lt"]))
+
+
+def describe_range(bounds: dict[str, float]) -> str:
+    """``>= 1``, ``> 0``, ``in (0, 1]`` ... for a field's ``ge``/``gt``/``le``/``lt`` metadata."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+    return "any number"
+
+
+def _from_dict(cls: type[T], values: dict[str, Any], where: str) -> T:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -198,7 +359,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value or {}, where)
+        return _from_dict(tp, value or {}, where)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

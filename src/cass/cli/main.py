@@ -1,7 +1,8 @@
 """The ``cass`` command line: each command is a thin layer over a documented Python function.
 
 Options default to ``None`` meaning "not given", so that a value from ``--config FILE.yaml`` is only
-overridden by options the user actually typed.
+overridden by options the user actually typed. The options of ``pretrain``, ``finetune`` and ``bench``
+are generated from the config dataclasses (:mod:`cass.cli.options`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from cass.config import ConfigError, PretrainConfig, load_yaml, merge
+from cass.cli.options import config_command
+from cass.config import ConfigError, FinetuneConfig, PretrainConfig, load_yaml, merge
 
 app = typer.Typer(
     name="cass",
@@ -76,49 +78,16 @@ Opt = typer.Option
 
 @app.command()
 @friendly_errors
+@config_command(PretrainConfig)
 def pretrain(
+    overrides: dict[str, Any],
     config: Annotated[Path | None, Opt("--config", help="YAML file with any of these options.")] = None,
-    data: Annotated[str | None, Opt(help="Folder, CSV, zip or .npz of images (labels ignored). Default: the shipped sample.")] = None,
-    val_data: Annotated[str | None, Opt(help="Validation images (default: the val/ split of --data).")] = None,
-    method: Annotated[str | None, Opt(help="Pretraining method: cass (default) or dino.")] = None,
-    arch: Annotated[str | None, Opt(help="For single-network methods (dino): cnn or vit.")] = None,
-    cnn: Annotated[str | None, Opt(help="timm name of the CNN (default resnet50).")] = None,
-    vit: Annotated[str | None, Opt(help="timm name of the Transformer (default vit_base_patch16_384).")] = None,
-    init: Annotated[str | None, Opt(help="scratch (default), imagenet, or a checkpoint / run directory.")] = None,
-    cnn_weights: Annotated[str | None, Opt(help="Local ImageNet weights for the CNN (safetensors or state dict).")] = None,
-    vit_weights: Annotated[str | None, Opt(help="Local ImageNet weights for the Transformer.")] = None,
-    img_size: Annotated[int | None, Opt(help="Input size in pixels (default: the Transformer's own).")] = None,
-    batch_size: Annotated[int | None, Opt(help="Global batch size (default 16).")] = None,
-    epochs: Annotated[int | None, Opt(help="Epochs (default 100).")] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate (default 1e-3).")] = None,
-    swa: Annotated[bool | None, Opt("--swa/--no-swa", help="Stochastic weight averaging (default off).")] = None,
-    seed: Annotated[int | None, Opt(help="Seed for init, order and augmentations (default 0).")] = None,
-    out: Annotated[str | None, Opt(help="Run directory (default runs/pretrain).")] = None,
-    devices: Annotated[int | None, Opt(help="Devices (GPUs or CPU processes) per node.")] = None,
-    num_nodes: Annotated[int | None, Opt(help="Nodes for multi-node DDP.")] = None,
-    accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu.")] = None,
-    precision: Annotated[str | None, Opt(help="auto (bf16 on GPU, fp32 on CPU) or a Lightning precision.")] = None,
-    num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
-    skip_bad_images: Annotated[bool | None, Opt("--skip-bad-images/--stop-on-bad-images", help="Skip unreadable images (counted) instead of stopping.")] = None,
-    data_path: Annotated[str | None, Opt(help="auto (default), cache or pil: how training images are loaded.")] = None,
-    cache_dir: Annotated[str | None, Opt(help="Folder of decoded-image caches (default ~/.cache/cass).")] = None,
-    channels_last: Annotated[bool | None, Opt("--channels-last/--no-channels-last", help="Channels-last on CUDA (default on).")] = None,
-    compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile the networks.")] = None,
-    cuda_graphs: Annotated[bool | None, Opt("--cuda-graphs/--no-cuda-graphs", help="CUDA graphs (CUDA only).")] = None,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory (other options override its config).")] = None,
 ) -> None:
     """Self-supervised pretraining (CASS by default) on unlabeled images."""
     from cass.training.pretrain import load_run_config
     from cass.training.pretrain import pretrain as run_pretrain
 
-    overrides = given(
-        data__data=data, data__val_data=val_data, method=method, arch=arch, cnn=cnn, vit=vit, init=init,
-        cnn_weights=cnn_weights, vit_weights=vit_weights, img_size=img_size, batch_size=batch_size, epochs=epochs,
-        lr=lr, swa=swa, seed=seed, out=out, devices=devices, num_nodes=num_nodes, accelerator=accelerator,
-        precision=precision, data__num_workers=num_workers, data__skip_bad_images=skip_bad_images,
-        data__path=data_path, data__cache_dir=cache_dir, channels_last=channels_last, compile=compile,
-        cuda_graphs=cuda_graphs,
-    )
     if resume is not None:
         cfg = load_run_config(resume, overrides)
     else:
@@ -130,40 +99,15 @@ def pretrain(
 
 @app.command()
 @friendly_errors
+@config_command(FinetuneConfig)
 def finetune(
-    source: Annotated[str | None, Opt("--from", help="A pretraining run directory, imagenet, scratch (supervised baseline) or a weights file.")] = None,
-    arch: Annotated[str | None, Opt(help="cnn or vit: which network to fine-tune.")] = None,
-    data: Annotated[str | None, Opt(help="Labelled images with train/ and val/ splits (default: the shipped sample).")] = None,
-    val_data: Annotated[str | None, Opt(help="Validation images (default: the val/ split of --data).")] = None,
-    out: Annotated[str | None, Opt(help="Output model directory (default runs/finetune).")] = None,
+    overrides: dict[str, Any],
     config: Annotated[Path | None, Opt("--config", help="YAML file with any of these options.")] = None,
-    cnn: Annotated[str | None, Opt(help="timm CNN name when not fine-tuning a run.")] = None,
-    vit: Annotated[str | None, Opt(help="timm Transformer name when not fine-tuning a run.")] = None,
-    weights: Annotated[str | None, Opt(help="Local ImageNet weights file for --from imagenet.")] = None,
-    mode: Annotated[str | None, Opt(help="full (default), linear or knn.")] = None,
-    label_fraction: Annotated[float | None, Opt(help="Fraction of the train labels, e.g. 0.01, 0.1, 1.0.")] = None,
-    seed: Annotated[int | None, Opt(help="Seed of the subset, init and augmentations.")] = None,
-    epochs: Annotated[int | None, Opt(help="Epochs (default 50, early stopping on validation macro-F1).")] = None,
-    img_size: Annotated[int | None, Opt(help="Input size (default: the pretraining run's).")] = None,
-    batch_size: Annotated[int | None, Opt(help="Batch size (default 16).")] = None,
-    lr: Annotated[float | None, Opt(help="Learning rate (default 3e-4).")] = None,
-    loss: Annotated[str | None, Opt(help="focal (default) or ce.")] = None,
-    class_weights: Annotated[str | None, Opt(help="inverse (default), none, or paper.")] = None,
-    patience: Annotated[int | None, Opt(help="Early-stopping patience in epochs (default 10).")] = None,
-    num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
-    accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Fine-tune (or probe) one network with a fraction of the labels; writes a model directory."""
-    from cass.config import FinetuneConfig
     from cass.training.finetune import finetune as run_finetune
 
-    overrides = given(
-        source=source, arch=arch, data__data=data, data__val_data=val_data, out=out, cnn=cnn, vit=vit,
-        weights=weights, mode=mode, label_fraction=label_fraction, seed=seed, epochs=epochs, img_size=img_size,
-        batch_size=batch_size, lr=lr, loss=loss, class_weights=class_weights, patience=patience,
-        data__num_workers=num_workers, accelerator=accelerator,
-    )
     cfg = merge(load_yaml(FinetuneConfig, config) if config else FinetuneConfig(), overrides)
     run_finetune(cfg, resume=resume)
 

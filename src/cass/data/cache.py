@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from cass.config import ConfigError, DataConfig
 from cass.data.dataset import ArrayStore, FileStore, ImageSet, ZipStore
 from cass.data.images import BadImageError
+from cass.data.loaders import resolve_workers
 from cass.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -179,13 +180,15 @@ def readable_images(data: DataConfig, images: ImageSet, size: int) -> ImageSet:
 
 
 def open_cache(
-    images: ImageSet, size: int, cache_dir: str | Path | None = None, skip_bad: bool = False, num_workers: int = 0
+    images: ImageSet, size: int, cache_dir: str | Path | None = None, skip_bad: bool = False,
+    num_workers: int | None = None,
 ) -> ImageCache:
     """The cache of ``images`` at ``size`` x ``size``, built first if no process has built it yet.
 
     Unreadable images raise :class:`BadImageError` naming the first one, or with ``skip_bad`` are
     logged and left out of ``images`` (their count added to ``skipped``), as :meth:`ImageSet.check` does.
-    ``num_workers`` processes decode in parallel while building.
+    ``num_workers`` processes decode in parallel while building (None: as many as the PIL path gets,
+    :func:`cass.data.loaders.default_workers`).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     resize = cache_resize(size)
@@ -256,11 +259,11 @@ class _Decode(Dataset):
             return i, None, str(err)
 
 
-def _build(images: ImageSet, resize: v2.Resize, path: Path, num_workers: int) -> None:
+def _build(images: ImageSet, resize: v2.Resize, path: Path, num_workers: int | None) -> None:
     """Decode every image into a temporary file, describe it in ``<key>.json``, then rename it into place."""
     size = resize.size[0]
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    loader = DataLoader(_Decode(images, resize), batch_size=None, num_workers=num_workers)
+    loader = DataLoader(_Decode(images, resize), batch_size=None, num_workers=resolve_workers(num_workers, "pil"))
     unreadable: dict[str, str] = {}
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))

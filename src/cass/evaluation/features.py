@@ -24,8 +24,8 @@ from cass.utils.rundir import MODEL
 
 @torch.no_grad()
 def extract_features(net: Network, images: ImageSet, img_size: int, batch_size: int, device: torch.device,
-                     workers: int = 0) -> np.ndarray:
-    """Pooled backbone features of every image, without augmentation."""
+                     workers: int | None = None) -> np.ndarray:
+    """Pooled backbone features of every image, without augmentation (``workers`` None: automatic)."""
     net.eval().to(device)
     loader = image_loader(images, eval_transform(img_size), batch_size, 0, False, workers)
     chunks = [net.features(x.to(device)).float().cpu() for x, _, _ in tqdm(loader, desc="features", leave=False)]

@@ -292,7 +292,8 @@ def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val
     save_weights(out / KNN_BANK, {"features": torch.from_numpy(bank), "targets": torch.from_numpy(labelled.targets)},
                  {"k": str(cfg.knn_k)})
     knn = fit_knn(bank, labelled.targets, cfg.knn_k)
-    scores = knn_logits(knn, extract_features(net, val, net.input_size, cfg.batch_size, fabric.device), len(val.classes))
+    scores = knn_logits(knn, extract_features(net, val, net.input_size, cfg.batch_size, fabric.device,
+                                              cfg.data.num_workers), len(val.classes))
     metrics = ClassificationMetrics(val.classes, multilabel=False)
     metrics.update(scores, torch.as_tensor(val.targets))
     return metrics.compute()

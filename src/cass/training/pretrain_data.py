@@ -22,18 +22,23 @@ from cass.config import ConfigError, PretrainConfig
 from cass.data.cache import open_cache, wants_cache
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
+from cass.data.loaders import resolve_workers
 from cass.data.sources import load_splits
 from cass.methods.base import PretrainMethod
 
 log = logging.getLogger(__name__)
 
 
-def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric) -> DataLoader:
-    """Shuffled by (seed, epoch) identically for any world size: rank r takes every r-th image."""
+def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric, path: str) -> DataLoader:
+    """Shuffled by (seed, epoch) identically for any world size: rank r takes every r-th image.
+
+    ``path`` (``cache`` or ``pil``) sets the worker count when ``data.num_workers`` is automatic.
+    """
     world = fabric.world_size
     if cfg.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     per_process = cfg.batch_size // world
+    workers = resolve_workers(cfg.data.num_workers, path)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
     sampler = DistributedSampler(
@@ -43,10 +48,10 @@ def make_loader(dataset: ImageDataset, cfg: PretrainConfig, fabric: Fabric) -> D
         dataset,
         batch_size=per_process,
         sampler=sampler,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.data.num_workers > 0,  # no worker start-up per epoch; the epoch is shared memory
+        persistent_workers=workers > 0,  # no worker start-up per epoch; the epoch is shared memory
     )
 
 
@@ -76,10 +81,10 @@ def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric
             splits.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
         )
         dataset = ImageDataset(cache.images, augment.host, seed=cfg.seed)
-        return TrainData(dataset, make_loader(dataset, cfg, fabric), augment, "cache")
+        return TrainData(dataset, make_loader(dataset, cfg, fabric, "cache"), augment, "cache")
     train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
     dataset = ImageDataset(train_images, method.train_transform(), seed=cfg.seed)
-    return TrainData(dataset, make_loader(dataset, cfg, fabric), _as_loaded, "pil")
+    return TrainData(dataset, make_loader(dataset, cfg, fabric, "pil"), _as_loaded, "pil")
 
 
 def _device_augment(cfg: PretrainConfig, method: PretrainMethod, images: ImageSet) -> DeviceAugment | None:
