@@ -24,3 +24,13 @@ def shared_data() -> Path:
 def _image_cache_dir(tmp_path_factory) -> None:
     """Decoded-image caches of the test runs go to a temporary folder, not the user's ~/.cache/cass."""
     os.environ.setdefault("CASS_CACHE_DIR", str(tmp_path_factory.mktemp("cass-cache")))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, one compute thread per worker: ``make test`` runs 2 workers on 2 cores, and two
+    workers of two threads each oversubscribe the cores (and the subprocesses they start inherit this)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

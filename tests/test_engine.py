@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cass.cli.main import app
-from cass.config import ConfigError, DataConfig, DinoConfig, PretrainConfig, save_yaml
+from cass.config import (
+    CassVicregConfig,
+    ConfigError,
+    DataConfig,
+    DinoConfig,
+    PretrainConfig,
+    save_yaml,
+)
 from cass.methods import METHODS
 from cass.methods.cass import CASS
 from cass.training.pretrain import pretrain
@@ -38,6 +45,7 @@ METHOD_CASES = {
     "cass": {},
     "dino-vit": {"method": "dino", "arch": "vit", "dino": SMALL_DINO},
     "dino-cnn": {"method": "dino", "arch": "cnn", "dino": SMALL_DINO},
+    "cass-vicreg": {"method": "cass-vicreg", "cass_vicreg": CassVicregConfig(proj_hidden_dim=64, proj_dim=32)},
 }
 
 
@@ -66,7 +74,8 @@ def test_gradients_are_zeroed_before_every_step(shared_data, tmp_path, monkeypat
 
     monkeypatch.setattr(CASS, "forward", checked_forward)
     pretrain(engine_cfg(shared_data, tmp_path / "run", epochs=1))
-    assert len(steps) == 4 and steps == [0] * 4, f"gradients left over from the previous step: {steps}"
+    # 64 images less the carved test and selection images: a few steps of 16
+    assert len(steps) >= 2 and steps == [0] * len(steps), f"gradients left over from the previous step: {steps}"
 
 
 def test_run_directory_holds_checkpoint_config_metrics_and_diagnostics(shared_data, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from cass.config import (
     merge,
     to_dict,
 )
-from cass.experiment.config import ExperimentConfig, InitSpec, validate
+from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, validate
 from cass.experiment.demo import demo_config
 from cass.experiment.plan import (
     Cell,
@@ -65,7 +66,8 @@ def test_committed_configs_load_validate_and_round_trip(path):
 def test_committed_configs_cover_the_issue():
     assert {p.name for p in CONFIGS} >= {"smoke.yaml", "brain_mri_cpu.yaml", "blood_pbc_cpu.yaml", "brain_mri_gpu.yaml"}
     smoke = load_yaml(ExperimentConfig, SMOKE)
-    assert smoke.methods == ["cass", "dino", "supervised"] and smoke.archs == ["cnn", "vit"]
+    assert smoke.methods == ["cass", "cass-vicreg", "dino", "supervised"] and smoke.archs == ["cnn", "vit"]
+    assert smoke.readouts == ["knn", "linear"]
     assert smoke.label_fractions == [0.1, 1.0] and len(smoke.seeds) == 2
     assert smoke.pretrain.epochs == 1 and smoke.pretrain.img_size == 32
 
@@ -75,14 +77,14 @@ def test_demo_config_is_a_valid_round_tripping_grid():
     validate(cfg)
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
     assert cfg.seeds == [0] and cfg.label_fractions == [0.01, 0.1, 1.0]
-    assert set(cfg.methods) == {"cass", "dino", "supervised"}
+    assert set(cfg.methods) == {"cass", "cass-vicreg", "dino", "supervised"} and cfg.readouts == ["knn"]
     assert cfg.sweep_batch_sizes and cfg.sweep_epochs, "the demo report must show the robustness plots"
 
 
 def test_each_pretraining_run_serves_every_cell_that_needs_it():
-    cfg = ExperimentConfig(label_fractions=[0.01, 0.1, 1.0], seeds=[0, 1, 2], sweep_batch_sizes=[8, 16, 32],
-                           sweep_epochs=[2, 5], sweep_label_fractions=[1.0],
-                           pretrain=PretrainConfig(batch_size=16, epochs=5))
+    cfg = ExperimentConfig(methods=["cass", "dino", "supervised"], readouts=[], label_fractions=[0.01, 0.1, 1.0],
+                           seeds=[0, 1, 2], sweep_batch_sizes=[8, 16, 32], sweep_epochs=[2, 5],
+                           sweep_label_fractions=[1.0], pretrain=PretrainConfig(batch_size=16, epochs=5))
     cells = plan(cfg)
     assert len(cells) == len(set(cells)) == len({c.name for c in cells})
     # main grid: 3 methods x 2 archs x 3 fractions x 3 seeds; sweeps: the values other than the base
@@ -101,8 +103,23 @@ def test_each_pretraining_run_serves_every_cell_that_needs_it():
         assert {c.label_fraction for c in served} == {0.01, 0.1, 1.0} and {c.seed for c in served} == {run.seed}
         assert {c.arch for c in served} == ({"cnn", "vit"} if run.method == "cass" else {run.arch})
 
-    shared = ExperimentConfig(seeds=[3, 4], pretrain_per_seed=False)
+    shared = ExperimentConfig(seeds=[3, 4], pretrain_per_seed=False, readouts=[])
     assert {pretrain_run(shared, c).seed for c in plan(shared) if c.method != "supervised"} == {3}
+
+
+def test_readouts_cover_every_pretrained_network_and_its_starting_point():
+    cfg = ExperimentConfig(label_fractions=[0.1, 1.0], seeds=[0, 1], pretrain=PretrainConfig(batch_size=16, epochs=5))
+    readouts = [c for c in plan(cfg) if c.mode != "full"]
+    pretrained = [m for m in cfg.methods if m != "supervised"]
+    # (every pretrained method + the starting point) x 2 archs x 2 fractions x 2 seeds x (knn, linear)
+    assert len(readouts) == (len(pretrained) + 1) * 2 * 2 * 2 * 2
+    for cell in readouts:
+        run = pretrain_run(cfg, cell)
+        if cell.method == STARTING_POINT:
+            assert run is None and finetune_config(cfg, cell, None).source == "scratch"
+        else:  # read from the same pretraining run as the fine-tuned cells
+            assert run == pretrain_run(cfg, dataclasses.replace(cell, mode="full"))
+        assert finetune_config(cfg, cell, None).mode == cell.mode
 
 
 def test_per_cell_options_and_missing_weights_are_refused(tmp_path):
@@ -152,7 +169,8 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
     data = tiny_split(shared_data, tmp_path / "data")
     cfg = merge(load_yaml(ExperimentConfig, SMOKE), {
         "data.data": str(data), "out": str(tmp_path / "exp"), "seeds": [0], "pretrain.epochs": 2,
-        "pretrain.accelerator": "cpu", "finetune.accelerator": "cpu",
+        "pretrain.accelerator": "cpu", "finetune.accelerator": "cpu", "methods": ["cass", "dino", "supervised"],
+        "readouts": [],
     })
     calls: dict[str, list] = {"pretrain": [], "finetune": []}
     fail = {"finetune_call": 3}
@@ -191,7 +209,7 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
 
     def dies_in_epoch_two(self, images, progress):
         dino_steps["n"] += 1
-        if dino_steps["n"] == 3:  # 32 images / batch 16 = 2 steps per epoch: the first step of epoch 2
+        if dino_steps["n"] == 2:  # 28 train images (4 carved as test) / batch 16 = 1 step per epoch: epoch 2
             raise KeyboardInterrupt
         return real_forward(self, images, progress)
 
@@ -213,7 +231,7 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
     rows = json.loads((Path(cfg.out) / "results.json").read_text())
     assert [Path(r["finetune_dir"]).name for r in rows] == cells
     for row in rows:
-        assert 0 <= row["macro_f1"] <= 1 and 0 <= row["balanced_accuracy"] <= 1
+        assert 0 <= row["test_macro_f1"] <= 1 and 0 <= row["val_balanced_accuracy"] <= 1
         assert row["finetune_time_s"] > 0 and Path(row["finetune_config"]).is_file()
         if row["method"] == "supervised":
             assert row["pretrain_time_s"] is None and row["pretrain_config"] is None
@@ -221,9 +239,10 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
             assert row["pretrain_time_s"] > 0 and Path(row["pretrain_config"]).is_file()
     assert {(r["method"], r["arch"], r["label_fraction"]) for r in rows} == {
         (m, a, f) for m in ("cass", "dino", "supervised") for a in ("cnn", "vit") for f in (0.1, 1.0)}
-    assert [r["labelled_images"] for r in rows[:2]] == [4, 32]  # 10 % of 8 per class rounds to 1 per class
+    # 8 train images per class, 1 carved as test: 10 % of 7 rounds to 1 per class, 100 % is 28
+    assert [r["labelled_images"] for r in rows[:2]] == [4, 28]
     table = read_csv(Path(cfg.out) / "results.csv")
-    assert len(table) == 12 and {"macro_f1", "auroc", "f1_glioma", "pretrain_batch_size", "seed"} <= set(table[0])
+    assert len(table) == 12 and {"test_macro_f1", "val_macro_f1", "test_auroc", "test_f1_glioma", "steps", "seed"} <= set(table[0])
     runs = read_csv(Path(cfg.out) / "pretraining.csv")
     assert sorted((r["method"], r["arch"], r["epochs_done"]) for r in runs) == [
         ("cass", "cnn+vit", "2"), ("dino", "cnn", "2"), ("dino", "vit", "2")]

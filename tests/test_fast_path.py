@@ -24,6 +24,7 @@ from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
 from cass.data.transforms import cass_augmentation
 from cass.methods.cass import CASS
 from cass.methods.dino import MultiCropTransform
+from cass.methods.registry import method_names
 from cass.training import bench as bench_module
 from cass.training.fabric import make_fabric
 from cass.training.pretrain import _match_parameter_layout, pretrain
@@ -199,12 +200,12 @@ def test_restored_optimiser_state_takes_its_parameter_layout():
     assert restored.stride() == weight.stride() and torch.equal(restored, saved)
 
 
-def test_bench_times_cass_and_dino_in_both_modes(shared_data, tmp_path):
+def test_bench_times_every_registered_method_in_both_modes(shared_data, tmp_path):
     base = small_cfg(shared_data, tmp_path, dino=SMALL_DINO)
     rows = bench_module.bench(base, batch_sizes=(8,), steps=1, warmup=1, paper_reference=False)
+    labels = {"cass": "cass", "cass-vicreg": "cass-vicreg", "dino": "dino-vit"}  # DINO's row names its student
     assert [(r.method, r.mode) for r in rows] == [
-        ("cass", "model-only"), ("cass", "end-to-end"), ("dino-vit", "model-only"), ("dino-vit", "end-to-end")
-    ]
+        (labels[name], mode) for name in method_names() for mode in ("model-only", "end-to-end")]
     for row in rows:
         assert row.batch_size == 8 and row.img_per_s > 0 and row.step_ms > 0 and row.peak_memory_mb > 0
         assert row.cpu_ms_per_img > 0

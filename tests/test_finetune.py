@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cass.cli.main import app
-from cass.config import ConfigError, DataConfig, FinetuneConfig, PretrainConfig
+from cass.config import DataConfig, FinetuneConfig, PretrainConfig
 from cass.evaluation.inference import evaluate, predict
 from cass.training.finetune import finetune
 from cass.training.pretrain import pretrain
@@ -53,7 +53,7 @@ def pretrained_run(brain_folder, tmp_path_factory) -> Path:
 
 def ft_cfg(data: Path, out: Path, **kw) -> FinetuneConfig:
     values = dict(data=DataConfig(data=str(data), num_workers=0), cnn=TINY_CNN, vit=TINY_VIT, img_size=32,
-                  epochs=2, batch_size=16, out=str(out), accelerator="cpu")
+                  epochs=2, batch_size=16, min_steps=0, out=str(out), accelerator="cpu")
     values.update(kw)
     return FinetuneConfig(**values)
 
@@ -64,9 +64,12 @@ def test_probes_run_on_a_pretrained_checkpoint(brain_folder, pretrained_run, tmp
     model_dir = finetune(ft_cfg(brain_folder, tmp_path / "m", source=str(pretrained_run), arch=arch, mode=mode))
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert 0 <= metrics["macro_f1"] <= 1 and len(metrics["confusion_matrix"]) == 4
-    assert sum(map(sum, metrics["confusion_matrix"])) == 16  # every validation image counted once
+    held_out = (model_dir / "held_out.csv").read_text().splitlines()[1:]
+    test_images = [line.split(",", 1)[1] for line in held_out if line.startswith("test,")]
+    assert metrics["split"] == "test" and sum(map(sum, metrics["confusion_matrix"])) == len(test_images) == 8
+    assert metrics["selection"]["num_samples"] == 16  # the val/ folder chose; the carved test split reports
     result = evaluate(model_dir, brain_folder, tmp_path / "eval", split="val")
-    assert result["macro_f1"] == pytest.approx(metrics["macro_f1"], abs=1e-6)
+    assert result["macro_f1"] == pytest.approx(metrics["selection"]["macro_f1"], abs=1e-6)
 
 
 def test_linear_mode_trains_only_the_head(brain_folder, pretrained_run, tmp_path):
@@ -83,7 +86,7 @@ def test_full_finetune_keeps_best_model_and_writes_subset(brain_folder, tmp_path
     rows = list(csv.DictReader(open(model_dir / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     best = json.loads((model_dir / "metrics.json").read_text())
-    assert best["macro_f1"] == pytest.approx(max(float(r["macro_f1"]) for r in rows))
+    assert best["selection"]["macro_f1"] == pytest.approx(max(float(r["macro_f1"]) for r in rows))  # chosen on val
     subset = list(csv.DictReader(open(model_dir / "subset.csv")))
     assert len(subset) == 4  # 10% of 48 train images, at least one per class
 
@@ -102,7 +105,7 @@ def test_multilabel_csv_through_finetune_evaluate_predict(shared_data, tmp_path)
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert {"macro_f1", "map", "auroc"} <= metrics.keys()
     result = evaluate(model_dir, tmp_path / "images" / "val.csv", tmp_path / "eval")
-    assert result["macro_f1"] == pytest.approx(metrics["macro_f1"], abs=1e-6)
+    assert result["macro_f1"] == pytest.approx(metrics["selection"]["macro_f1"], abs=1e-6)
     out = predict(model_dir, tmp_path / "images" / "val.csv", tmp_path / "pred.csv")
     predicted = list(csv.DictReader(open(out)))
     assert len(predicted) == 16 and list(predicted[0]) == ["path", "pred", "tumour", "glioma"]
@@ -112,7 +115,7 @@ def test_cli_evaluate_predict_embed_on_unseen_folder_and_class_mismatch(brain_fo
     runner = CliRunner()
     model_dir = tmp_path / "model"
     result = runner.invoke(app, ["finetune", "--from", "scratch", "--arch", "cnn", "--cnn", TINY_CNN, "--data",
-                                 str(brain_folder), "--out", str(model_dir), "--epochs", "1", "--img-size", "32",
+                                 str(brain_folder), "--out", str(model_dir), "--epochs", "1", "--min-steps", "0", "--img-size", "32",
                                  "--num-workers", "0", "--accelerator", "cpu"])
     assert result.exit_code == 0, result.output
     unseen = tmp_path / "unseen"  # the blood-cell images of the mini zip were never seen by the model
@@ -142,9 +145,13 @@ def test_cli_evaluate_predict_embed_on_unseen_folder_and_class_mismatch(brain_fo
     assert result.exit_code == 2 and "class set does not match" in result.output
 
 
-def test_finetune_refuses_unlabelled_data_and_missing_validation(brain_folder, tmp_path):
-    with pytest.raises(ConfigError, match="validation"):
-        finetune(ft_cfg(brain_folder / "train", tmp_path / "m"))
+def test_data_without_val_or_test_gets_both_carved_from_train(brain_folder, tmp_path):
+    model_dir = finetune(ft_cfg(brain_folder / "train", tmp_path / "m", epochs=1))
+    held_out = [line.split(",", 1) for line in (model_dir / "held_out.csv").read_text().splitlines()[1:]]
+    carved = {split: {f for s, f in held_out if s == split} for split in ("val", "test")}
+    trained = {row["file"] for row in csv.DictReader(open(model_dir / "subset.csv"))}
+    assert len(carved["test"]) >= 4 and len(carved["val"]) >= 4  # at least one image of each of 4 classes
+    assert not carved["test"] & carved["val"] and not (carved["test"] | carved["val"]) & trained
 
 
 def test_dino_checkpoint_finetunes_through_the_cli(brain_folder, tmp_path):

@@ -54,7 +54,7 @@ def brain_folder(shared_data, tmp_path_factory) -> Path:
 
 def ft_cfg(data: Path, out: Path, **kw) -> FinetuneConfig:
     values = {"data": DataConfig(data=str(data), num_workers=0), "cnn": TINY_CNN, "vit": TINY_VIT, "img_size": 32,
-              "epochs": 2, "batch_size": 16, "out": str(out), "accelerator": "cpu"}
+              "epochs": 2, "batch_size": 16, "min_steps": 0, "out": str(out), "accelerator": "cpu"}
     return FinetuneConfig(**{**values, **kw})
 
 
@@ -103,7 +103,7 @@ def test_early_stopping_reports_and_keeps_the_best_epochs_model(brain_folder, tm
     model_dir = finetune(ft_cfg(brain_folder, tmp_path / "m", epochs=8, patience=2, lr=1e-3))
     assert [int(r["epoch"]) for r in history(model_dir)] == [1, 2, 3, 4]  # 0.7 at 2, then 2 worse evaluations
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert metrics["epoch"] == 2 and metrics["macro_f1"] == 0.7
+    assert metrics["epoch"] == 2 and metrics["selection"]["macro_f1"] == 0.7  # chosen on the selection split
     saved = load_file(model_dir / "model.safetensors")
     assert all(torch.equal(saved[k], weights_at[2][k]) for k in saved)
     assert not all(torch.equal(saved[k], weights_at[4][k]) for k in saved)  # not the last epoch's
@@ -173,7 +173,7 @@ def test_finished_finetune_drops_its_resume_state_and_resuming_it_does_nothing(b
     def no_data(*args, **kwargs):
         raise AssertionError("a finished model directory was trained again")
 
-    monkeypatch.setattr(ft, "load_splits", no_data)
+    monkeypatch.setattr(ft, "three_roles", no_data)
     assert finetune(cfg, resume=True) == model_dir  # what `cass experiment` does for a cell without cell.json
     assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
     with pytest.raises(ConfigError, match="already holds a fine-tuned model"):
@@ -220,7 +220,8 @@ def _nan_loss_from_step(monkeypatch, first_bad_step: int) -> None:
 
 
 def test_nonfinite_loss_stops_before_saving_and_names_the_run(brain_folder, tmp_path, monkeypatch):
-    _nan_loss_from_step(monkeypatch, 4)  # 3 steps per epoch (48 images, batch 16): epoch 2 goes bad
+    # 40 train images after the test split is carved, batch 10 (a quarter of them): 4 steps per epoch
+    _nan_loss_from_step(monkeypatch, 5)
     cfg = ft_cfg(brain_folder, tmp_path / "m", epochs=3)
     with pytest.raises(NonFiniteLossError) as err:
         finetune(cfg)
@@ -232,7 +233,7 @@ def test_nonfinite_loss_stops_before_saving_and_names_the_run(brain_folder, tmp_
 
     out2 = tmp_path / "cli"
     result = CliRunner().invoke(app, ["finetune", "--from", "scratch", "--cnn", TINY_CNN, "--data", str(brain_folder),
-                                      "--out", str(out2), "--epochs", "3", "--img-size", "32", "--num-workers", "0",
+                                      "--out", str(out2), "--epochs", "3", "--min-steps", "0", "--img-size", "32", "--num-workers", "0",
                                       "--accelerator", "cpu"])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -268,7 +269,8 @@ def test_knn_model_predicts_with_the_k_it_was_made_with(brain_folder, knn3_model
     assert not np.allclose(scores.numpy(), sklearn_scores(20), atol=1e-3)
     # The scores of `cass evaluate` are the ones fine-tuning measured with k=3.
     result = evaluate(knn3_model, brain_folder, tmp_path / "eval", split="val")
-    assert result["macro_f1"] == pytest.approx(json.loads((knn3_model / "metrics.json").read_text())["macro_f1"])
+    measured = json.loads((knn3_model / "metrics.json").read_text())["selection"]["macro_f1"]
+    assert result["macro_f1"] == pytest.approx(measured)
 
 
 def test_embed_replaces_features_atomically(brain_folder, knn3_model, tmp_path, monkeypatch):

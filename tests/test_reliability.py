@@ -427,9 +427,10 @@ def test_one_percent_of_labels_keeps_a_rare_class_and_fine_tunes_beside_an_empty
     train = np.concatenate([train[labels[train] != 3], rare])
     classes = np.array([*npz["classes"], "unseen"])
     np.savez(tmp_path / "set.npz", train_images=images[train], train_labels=labels[train], val_images=images[val],
-             val_labels=labels[val], classes=classes)
+             val_labels=labels[val], test_images=images[val], test_labels=labels[val],  # own test split: the
+             classes=classes)  # rare class has one image, too few to carve a test split from
     cfg = FinetuneConfig(data=DataConfig(data=str(tmp_path / "set.npz"), num_workers=0), cnn=TINY_CNN, img_size=32,
-                         epochs=1, label_fraction=0.01, out=str(tmp_path / "model"), accelerator="cpu")
+                         epochs=1, label_fraction=0.01, min_steps=0, out=str(tmp_path / "model"), accelerator="cpu")
     model_dir = finetune(cfg)
     subset = (model_dir / "subset.csv").read_text().splitlines()[1:]
     chosen = [int(line.split(",")[0]) for line in subset]

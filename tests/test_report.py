@@ -74,11 +74,17 @@ def test_html_report_renders_in_chromium_with_every_figure(experiment_dir, tmp_p
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
     expected = {"label_fraction_curves", "pretraining_loss", "collapse", "pretraining_time", "attention", "gradcam",
                 "robustness_pretrain_batch_size_1", "robustness_pretrain_epochs_1",
-                *(f"confusion_{m}_{a}" for m in ("cass", "dino", "supervised") for a in ("cnn", "vit"))}
+                *(f"confusion_{m}_{a}" for m in ("cass", "cass-vicreg", "dino", "supervised") for a in ("cnn", "vit"))}
     assert {Path(f).stem for f in figures} == expected
     assert "not run" not in md
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## What pretraining added"  # the report opens with the readouts
     for heading in ("## Reading guide", "## Results", "## Pretraining time", "## Reproduce"):
-        assert heading in md
+        assert heading in headings
+    readouts = md.split("## What pretraining added")[1].split("\n## ")[0]
+    for method in ("Starting point (no pretraining)", "CASS", "CASS-VICReg", "DINO"):
+        assert f"| {method} | CNN (resnet18) | scratch |" in readouts
+    assert "k-NN" in readouts and "Linear probe" in readouts
     assert f"cass experiment --config {experiment_dir / 'experiment.yaml'}" in md
 
     html = html_path.read_text()
@@ -122,7 +128,7 @@ def test_results_table_is_mean_and_sample_std_over_seeds(experiment_dir):
     template = report.rows[0]
     scores = {0: 0.5, 1: 0.7, 2: 0.95}
     report.main = [{**template, "method": "cass", "arch": "cnn", "init": "scratch", "label_fraction": 1.0,
-                    "seed": seed, "macro_f1": f1} for seed, f1 in scores.items()]
+                    "seed": seed, "test_macro_f1": f1} for seed, f1 in scores.items()]
     table = results_table(report)
     mean, std = statistics.mean(scores.values()), statistics.stdev(scores.values())
     cass_cnn = next(line for line in table.splitlines() if line.startswith("| CASS | CNN"))
@@ -135,7 +141,8 @@ def test_results_json_rows_match_the_cells_metrics(experiment_dir):
     rows = json.loads((experiment_dir / "results.json").read_text())
     for row in rows:
         metrics = json.loads((Path(row["finetune_dir"]) / "metrics.json").read_text())
-        assert row["macro_f1"] == metrics["macro_f1"] and row["confusion_matrix"] == metrics["confusion_matrix"]
+        assert row["test_macro_f1"] == metrics["macro_f1"] and row["confusion_matrix"] == metrics["confusion_matrix"]
+        assert metrics["split"] == "test" and row["val_macro_f1"] == metrics["selection"]["macro_f1"]
 
 
 def test_attention_map_is_the_class_token_softmax_of_the_last_block():

@@ -74,6 +74,15 @@ class DataConfig:
     augmentation has a step the device path lacks)."""
     cache_dir: str | None = opt(None, flag="--cache-dir")
     """Folder of decoded-image caches; None: ``$CASS_CACHE_DIR``, else ``~/.cache/cass``."""
+    test_fraction: float = opt(0.15, flag="--test-fraction", gt=0, lt=1)
+    """When the data has no ``test`` split: this fraction of every class of ``train`` becomes the test split
+    (the only one reported), taken away from training and pretraining alike."""
+    val_fraction: float = opt(0.15, flag="--val-fraction", gt=0, lt=1)
+    """When the data has no ``val`` split (and no ``val_data``): this fraction of every class of ``train``
+    becomes the selection split (early stopping, best epoch)."""
+    split_seed: int = opt(0, flag="--split-seed", ge=0)
+    """Seed of the carved test and selection splits; one value for every run of an experiment, so that
+    every method is scored on the same images whatever the run's own seed."""
 
 
 @dataclass

@@ -19,6 +19,11 @@ from cass.methods.registry import method_names
 
 SUPERVISED = "supervised"
 """The baseline without pretraining: the same network and initialisation trained with labels only."""
+STARTING_POINT = "starting-point"
+"""Not a method: each network at its initialisation (random or stand-in weights), read out on frozen
+features exactly like a pretrained network; what pretraining added is measured against it."""
+READOUTS = ("knn", "linear")
+"""Frozen-feature readouts: cosine k-NN and a linear probe (``finetune.mode`` values)."""
 ARCHS = ("cnn", "vit")
 BUILTIN_INITS = ("scratch", "imagenet")
 
@@ -67,6 +72,9 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     pretrain_per_seed: bool = True
     """One pretraining run per seed (True), or one run with the first seed reused by every seed."""
+    readouts: list[str] = field(default_factory=lambda: list(READOUTS))
+    """Frozen-feature readouts of every pretrained network and of the same network at its starting point,
+    at every label fraction and seed (``[]`` for none): the report's first table, "what pretraining added"."""
     sweep_batch_sizes: list[int] = field(default_factory=list)
     """Pretraining batch sizes of the robustness sweep (CASS and DINO), e.g. [8, 16, 32]."""
     sweep_epochs: list[int] = field(default_factory=list)
@@ -82,6 +90,9 @@ def validate(cfg: ExperimentConfig) -> None:
     """Refuse a grid that would fail (or silently mislead) hours into the run."""
     _check_choices("methods", cfg.methods, tuple(grid_methods()))
     _check_choices("archs", cfg.archs, ARCHS)
+    unknown = sorted(set(cfg.readouts) - set(READOUTS))
+    if unknown:
+        raise ConfigError(f"experiment: readouts must be a subset of {list(READOUTS)}, got {cfg.readouts}")
     if not cfg.seeds or not cfg.label_fractions or not cfg.inits:
         raise ConfigError("experiment: seeds, label_fractions and inits must each list at least one value")
     for fraction in [*cfg.label_fractions, *cfg.sweep_label_fractions]:

@@ -26,6 +26,7 @@ from cass.config import (
 from cass.experiment.config import (
     ARCHS,
     BUILTIN_INITS,
+    STARTING_POINT,
     ExperimentConfig,
     InitSpec,
     is_self_supervised,
@@ -72,15 +73,19 @@ class Cell:
     """Pretraining batch size (None for the supervised baseline, which has no pretraining)."""
     epochs: int | None
     """Pretraining epochs (None for the supervised baseline)."""
+    mode: str = "full"
+    """``full`` fine-tuning, or a frozen-feature readout (``knn``, ``linear``)."""
 
     @property
     def name(self) -> str:
         pretraining = "" if self.batch_size is None else f"_bs{self.batch_size}_ep{self.epochs}"
-        return f"{self.method}_{self.arch}_{self.init}{pretraining}_f{self.label_fraction:g}_seed{self.seed}"
+        readout = "" if self.mode == "full" else f"_{self.mode}"
+        return f"{self.method}_{self.arch}_{self.init}{pretraining}_f{self.label_fraction:g}_seed{self.seed}{readout}"
 
     def describe(self) -> str:
         pretraining = "" if self.batch_size is None else f", pretraining batch {self.batch_size} x {self.epochs} epochs"
-        return (f"{self.method} {self.arch} from {self.init}, {self.label_fraction * 100:g}% labels, "
+        how = "fine-tuned" if self.mode == "full" else f"{self.mode} readout"
+        return (f"{self.method} {self.arch} from {self.init}, {how}, {self.label_fraction * 100:g}% labels, "
                 f"seed {self.seed}{pretraining}")
 
 
@@ -101,9 +106,24 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
                     pretrained = is_self_supervised(method)
                     for arch in cfg.archs:
                         for fraction in fractions:
-                            cells[Cell(method, arch, init.name, fraction, seed,
-                                       batch_size if pretrained else None, epochs if pretrained else None)] = None
+                            cells[Cell(method, arch, init.name, fraction, seed, batch_size if pretrained else None,
+                                       epochs if pretrained else None, cfg.finetune.mode)] = None
+    for cell in readout_cells(cfg):
+        cells[cell] = None
     return list(cells)
+
+
+def readout_cells(cfg: ExperimentConfig) -> list[Cell]:
+    """Every frozen-feature readout: each pretrained network of the main grid and, beside it, the same
+    network at its starting point, at every label fraction and seed."""
+    pretrained = [m for m in cfg.methods if is_self_supervised(m)]
+    if not cfg.readouts or not pretrained:
+        return []
+    batch_size, epochs = cfg.pretrain.batch_size, cfg.pretrain.epochs
+    return [Cell(method, arch, init.name, fraction, seed, *((batch_size, epochs) if is_self_supervised(method)
+                                                           else (None, None)), mode)
+            for init in cfg.inits for seed in cfg.seeds for method in [*pretrained, STARTING_POINT]
+            for arch in cfg.archs for fraction in cfg.label_fractions for mode in cfg.readouts]
 
 
 def pretrain_run(cfg: ExperimentConfig, cell: Cell) -> PretrainRun | None:
@@ -166,7 +186,8 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) 
     return dataclasses.replace(
         cfg.finetune, data=cfg.data, source=source, weights=weights, arch=cell.arch, cnn=cfg.pretrain.cnn,
         vit=cfg.pretrain.vit, img_size=cfg.finetune.img_size or cfg.pretrain.img_size,
-        label_fraction=cell.label_fraction, seed=cell.seed, out=str(Path(cfg.out) / "finetune" / cell.name),
+        label_fraction=cell.label_fraction, seed=cell.seed, mode=cell.mode,
+        out=str(Path(cfg.out) / "finetune" / cell.name),
     )
 
 

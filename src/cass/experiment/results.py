@@ -72,19 +72,22 @@ def _pretraining_summary(cfg: ExperimentConfig, run: PretrainRun) -> dict[str, A
 
 
 def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetune_time: float) -> dict[str, Any]:
-    """One results row: the cell, every validation metric, the costs and the configs that made it."""
+    """One results row: the cell, every metric named by its split (``test_*``: reported, measured on the test
+    split; ``val_*``: the selection split the best evaluation was chosen on), the costs and the configs."""
     cell_dir = Path(cfg.out) / "finetune" / cell.name
     metrics = json.loads((cell_dir / "metrics.json").read_text())
+    selection = metrics.get("selection", {})
     with open(cell_dir / "subset.csv", newline="") as fh:
         labelled = sum(1 for _ in csv.DictReader(fh))
     pre = _pretraining_summary(cfg, run) if run is not None else None
     return {
         "method": cell.method, "arch": cell.arch, "init": cell.init, "label_fraction": cell.label_fraction,
         "seed": cell.seed, "pretrain_batch_size": cell.batch_size, "pretrain_epochs": cell.epochs,
-        "mode": cfg.finetune.mode, "labelled_images": labelled,
-        **{key: metrics.get(key) for key in SCORES},
-        "best_epoch": metrics.get("epoch"), "val_loss": metrics.get("val_loss"),
-        "num_val_images": metrics.get("num_samples"),
+        "mode": cell.mode, "labelled_images": labelled,
+        **{f"test_{key}": metrics.get(key) for key in SCORES},
+        **{f"val_{key}": selection.get(key) for key in SCORES},
+        "best_evaluation": metrics.get("epoch"), "steps": metrics.get("steps"), "val_loss": selection.get("val_loss"),
+        "num_test_images": metrics.get("num_samples"), "num_val_images": selection.get("num_samples"),
         "pretrain_time_s": pre["time_s"] if pre else None,
         "pretrain_device_time_s": pre["device_time_s"] if pre else None,
         "finetune_time_s": finetune_time,
@@ -96,7 +99,7 @@ def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetun
 
 
 NESTED = ("classes", "per_class", "confusion_matrix")
-"""Row fields kept in ``results.json`` only; ``results.csv`` flattens the per-class F1 instead."""
+"""Row fields kept in ``results.json`` only (test split); ``results.csv`` flattens the per-class F1 instead."""
 
 
 def write_results(cfg: ExperimentConfig, cells: list[Cell]) -> None:
@@ -105,7 +108,7 @@ def write_results(cfg: ExperimentConfig, cells: list[Cell]) -> None:
     rows = [json.loads(path.read_text()) for cell in cells if (path := out / "finetune" / cell.name / CELL).is_file()]
     atomic_write_text(out / RESULTS_JSON, json.dumps(rows, indent=2))
     flat = [{**{k: v for k, v in row.items() if k not in NESTED},
-             **{f"f1_{name}": values.get("f1") for name, values in (row.get("per_class") or {}).items()}}
+             **{f"test_f1_{name}": values.get("f1") for name, values in (row.get("per_class") or {}).items()}}
             for row in rows]
     atomic_write_text(out / RESULTS_CSV, csv_text(flat))
     runs = dict.fromkeys(run for cell in cells if (run := pretrain_run(cfg, cell)) is not None)

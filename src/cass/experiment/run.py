@@ -116,7 +116,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         finetune(ft_cfg, resume=True)
         row = cell_row(cfg, cell, run, time.perf_counter() - start)
         atomic_write_text(Path(ft_cfg.out) / CELL, json.dumps(row, indent=2))
-        print(f"{label}: validation macro-F1 {row['macro_f1']:.4f} ({row['finetune_time_s']:.0f} s)", flush=True)
+        print(f"{label}: test macro-F1 {row['test_macro_f1']:.4f} (selection {row['val_macro_f1']:.4f}; "
+              f"{row['finetune_time_s']:.0f} s)", flush=True)
         write_results(cfg, cells)
     write_results(cfg, cells)
     return out

@@ -104,6 +104,7 @@ class PretrainMethod(nn.Module):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
+        type(self).check_config(cfg)
         self.cfg = cfg
 
     @property

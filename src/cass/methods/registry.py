@@ -41,7 +41,5 @@ def method_names() -> list[str]:
 
 
 def create_method(cfg: PretrainConfig) -> PretrainMethod:
-    """Instantiate the method named by ``cfg.method``, after it has checked its options."""
-    cls = method_class(cfg.method)
-    cls.check_config(cfg)
-    return cls(cfg)
+    """Instantiate the method named by ``cfg.method`` (its constructor checks its options first)."""
+    return method_class(cfg.method)(cfg)

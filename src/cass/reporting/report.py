@@ -23,10 +23,15 @@ import numpy as np
 import torch
 
 from cass.config import ConfigError, load_yaml
-from cass.data.sources import load_splits
 from cass.data.transforms import eval_transform
 from cass.evaluation.inference import load_classifier
-from cass.experiment.config import SUPERVISED, ExperimentConfig, is_self_supervised
+from cass.evaluation.splits import three_roles
+from cass.experiment.config import (
+    STARTING_POINT,
+    SUPERVISED,
+    ExperimentConfig,
+    is_self_supervised,
+)
 from cass.experiment.plan import Cell
 from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, read_pretraining
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
@@ -64,8 +69,11 @@ class Report:
         self.figures = run_dir / "report" / "figures"
         self.figures.mkdir(parents=True, exist_ok=True)
         base = self.cfg.pretrain
-        self.main = [r for r in self.rows if r["pretrain_batch_size"] in (None, base.batch_size)
+        base_grid = [r for r in self.rows if r["pretrain_batch_size"] in (None, base.batch_size)
                      and r["pretrain_epochs"] in (None, base.epochs)]
+        self.main = [r for r in base_grid if r.get("mode", "full") == self.cfg.finetune.mode
+                     and r["method"] != STARTING_POINT]
+        self.readouts = [r for r in base_grid if r.get("mode") in self.cfg.readouts]
         self.main_runs = [r for r in self.runs if int(r["batch_size"]) == base.batch_size
                           and int(r["epochs"]) == base.epochs]
 
@@ -129,8 +137,11 @@ def _fraction(value: float) -> str:
 
 
 def method_name(method: str) -> str:
-    """How tables name a grid method: the registered method's display name, or the supervised baseline."""
-    return method_class(method).display_name if is_self_supervised(method) else SUPERVISED.capitalize()
+    """How tables name a grid method: the registered method's display name, the supervised baseline, or
+    the starting point of the readouts."""
+    if is_self_supervised(method):
+        return method_class(method).display_name
+    return "Starting point (no pretraining)" if method == STARTING_POINT else SUPERVISED.capitalize()
 
 
 def _series_label(method: str, init: str) -> str:
@@ -148,30 +159,33 @@ def results_table(report: Report, metric: str = "macro_f1") -> str:
             for init in (i.name for i in report.cfg.inits):
                 values = []
                 for fraction in fractions:
-                    values.append(_format(_mean_std(r[metric] for r in cells.get((method, arch, init, fraction), []))))
+                    values.append(_format(_mean_std(r[f"test_{metric}"] for r in cells.get((method, arch, init, fraction), []))))
                 name = f"| {method_name(method)} | {report.network(arch)} | {init} | "
                 lines.append(name + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def summary_table(run_dir: str | Path, metric: str = "macro_f1") -> str:
-    """The main results table of an experiment directory as Markdown (what ``cass demo`` prints)."""
-    return results_table(Report(Path(run_dir)), metric)
+def summary_table(run_dir: str | Path, metric: str = "macro_f1", readout: str | None = None) -> str:
+    """The fine-tuning table of an experiment directory as Markdown, or with ``readout`` (``knn``, ``linear``)
+    its "what pretraining added" table (what ``cass demo`` prints)."""
+    report = Report(Path(run_dir))
+    return readout_table(report, readout, metric) if readout else results_table(report, metric)
 
 
 def _section_results(report: Report) -> str:
     seeds = len(report.cfg.seeds)
     text = [
         "## Results",
-        f"Validation macro-F1 (the primary metric), mean ± sample standard deviation over {seeds} seed(s); "
-        "`n` is the number of finished seeds. Pretraining: batch "
+        f"Fine-tuning. Test-split macro-F1 (the primary metric), mean ± sample standard deviation over {seeds} "
+        "seed(s); `n` is the number of finished seeds. The best evaluation of each run was chosen on the "
+        "selection split (`val`); nothing was selected on the test split. Pretraining: batch "
         f"{report.cfg.pretrain.batch_size}, {report.cfg.pretrain.epochs} epochs; fine-tuning mode "
         f"`{report.cfg.finetune.mode}`. Columns are the fraction of the train labels used for fine-tuning.",
         results_table(report, "macro_f1"),
     ]
     present = {k for row in report.main for k, v in row.items() if v is not None}
     for metric in ("micro_f1", "macro_recall", "balanced_accuracy", "auroc", "map"):
-        if metric in present:
+        if f"test_{metric}" in present:
             text += [f"### {METRIC_NAMES[metric]}", results_table(report, metric)]
     text.append("Every row of every cell (with per-class F1, the confusion matrix and the config paths) is in "
                 "`results.csv` and `results.json`.")
@@ -186,7 +200,7 @@ def _metric_curves(report: Report, rows: list[Row], x_key: str) -> dict[str, dic
         for (method, init), group in _groups([r for r in rows if r["arch"] == arch], "method", "init").items():
             by_x = _groups(group, x_key)
             xs = sorted(x for (x,) in by_x)
-            stats = [_mean_std(r["macro_f1"] for r in by_x[(x,)]) for x in xs]
+            stats = [_mean_std(r["test_macro_f1"] for r in by_x[(x,)]) for x in xs]
             lines[_series_label(method, init)] = Curve(xs, [s[0] for s in stats], [s[1] for s in stats])
         if lines:
             panels[report.network(arch)] = lines
@@ -196,7 +210,7 @@ def _metric_curves(report: Report, rows: list[Row], x_key: str) -> dict[str, dic
 def _section_fraction_curves(report: Report) -> str:
     path, image = report.figure("label_fraction_curves.png", "macro-F1 against the label fraction")
     plot_curves(_metric_curves(report, report.main, "label_fraction"), path, "fraction of train labels (log)",
-                "validation macro-F1", logx=True)
+                "test macro-F1", logx=True)
     return "\n\n".join(["## Label-fraction curves",
                         "Mean over seeds; error bars are the standard deviation over seeds.", image])
 
@@ -308,10 +322,11 @@ def _section_robustness(report: Report) -> str:
 
 
 def _best_cells(report: Report) -> dict[tuple[str, str], Row]:
-    """The best cell (highest macro-F1) of every method and architecture."""
+    """The best fine-tuned cell (highest test macro-F1) of every method and architecture."""
     best: dict[tuple[str, str], Row] = {}
-    for key, group in _groups(report.rows, "method", "arch").items():
-        best[key] = max(group, key=lambda r: r["macro_f1"])
+    tuned = [r for r in report.rows if r.get("mode", "full") == report.cfg.finetune.mode and r["method"] != STARTING_POINT]
+    for key, group in _groups(tuned, "method", "arch").items():
+        best[key] = max(group, key=lambda r: r["test_macro_f1"])
     return best
 
 
@@ -322,7 +337,7 @@ def _describe_cell(row: Row) -> str:
 
 def _section_confusion(report: Report) -> str:
     text = ["## Confusion matrices",
-            "Best cell (highest validation macro-F1) of each method and network; rows are true classes, "
+            "Best cell (highest test macro-F1) of each method and network, on the test split; rows are true classes, "
             "colours the fraction of each true class, numbers the counts."]
     for (method, arch), row in sorted(_best_cells(report).items()):
         matrix = np.asarray(row["confusion_matrix"])
@@ -330,16 +345,16 @@ def _section_confusion(report: Report) -> str:
             text.append(f"{_describe_cell(row)}: multi-label data, see the per-label table in `results.json`.")
             continue
         path, image = report.figure(f"confusion_{method}_{arch}.png", f"confusion matrix {method} {arch}")
-        plot_confusion_matrix(matrix, row["classes"], path, f"{method_name(method)} {arch}: F1 {row['macro_f1']:.3f}")
-        text += [f"**{_describe_cell(row)}** (macro-F1 {row['macro_f1']:.3f})", image]
+        plot_confusion_matrix(matrix, row["classes"], path, f"{method_name(method)} {arch}: F1 {row['test_macro_f1']:.3f}")
+        text += [f"**{_describe_cell(row)}** (macro-F1 {row['test_macro_f1']:.3f})", image]
     return "\n\n".join(text)
 
 
 def _validation_images(report: Report, img_size: int) -> tuple[torch.Tensor, list[str]]:
-    """A few validation images, one per class first, as the models' input tensors, with captions."""
-    val = load_splits(report.cfg.data.data, report.cfg.data.val_data).val
+    """A few test images, one per class first, as the models' input tensors, with captions."""
+    val = three_roles(report.cfg.data).test
     if val is None:
-        raise ConfigError(f"{report.cfg.data.data}: no validation images to explain")
+        raise ConfigError(f"{report.cfg.data.data}: no test images to explain")
     picked: dict[int, int] = {}
     if val.targets is not None and val.targets.ndim == 1:
         for index, target in enumerate(val.targets):
@@ -353,7 +368,7 @@ def _validation_images(report: Report, img_size: int) -> tuple[torch.Tensor, lis
 
 def _section_explanations(report: Report) -> str:
     text = ["## Where the networks look",
-            "Best fine-tuned model of each method on the same validation images. Transformer: attention of the "
+            "Best fine-tuned model of each method on the same test images. Transformer: attention of the "
             "class token to each patch in the last block, averaged over heads. CNN: Grad-CAM of the predicted "
             "class at the last stage. Maps are as coarse as the network's last grid (input / 16 for ViT-*/16 "
             "patches, input / 32 for ResNets), and a network fine-tuned for a few epochs looks where it looks: "
@@ -398,7 +413,7 @@ def _section_reproduce(report: Report) -> str:
         "without `--from` the fine-tuning starts from this experiment's own pretraining run).",
         "| cell | macro-F1 | fine-tuning config | pretraining config |", "|---|---|---|---|",
     ]
-    lines += [f"| {_describe_cell(r)} | {r['macro_f1']:.3f} | `{r['finetune_config']}` | "
+    lines += [f"| {_describe_cell(r)} | {r['test_macro_f1']:.3f} | `{r['finetune_config']}` | "
               f"{'`' + r['pretrain_config'] + '`' if r['pretrain_config'] else '-'} |" for r in report.rows]
     return "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:])
 
@@ -407,7 +422,7 @@ def _comparison(report: Report, arch: str, init: str) -> str | None:
     """One sentence per (network, init): the methods' macro-F1 per fraction and who beat whom."""
     cells = _groups([r for r in report.main if r["arch"] == arch and r["init"] == init], "method", "label_fraction")
     fractions = report.cfg.label_fractions
-    means = {m: [_mean_std(r["macro_f1"] for r in cells.get((m, f), []))[0] for f in fractions]
+    means = {m: [_mean_std(r["test_macro_f1"] for r in cells.get((m, f), []))[0] for f in fractions]
              for m in report.cfg.methods}
     scores = "; ".join(f"{method_name(m)} " + " / ".join("-" if np.isnan(v) else f"{v:.3f}" for v in values)
                        for m, values in means.items())
@@ -458,7 +473,49 @@ def _section_overview(report: Report) -> str:
     ])
 
 
-SECTIONS = (_section_overview, _section_reading_guide, _section_results, _section_fraction_curves,
+READOUT_NAMES = {"knn": "cosine k-NN (k = {k}) on frozen features", "linear": "linear probe on frozen features"}
+
+
+def readout_table(report: Report, mode: str, metric: str = "macro_f1") -> str:
+    """Each pretrained network against the same network at its starting point: mean ± std over seeds, and
+    the difference of the means (positive: pretraining added something this readout can see)."""
+    fractions = report.cfg.label_fractions
+    cells = _groups(report.readouts, "mode", "method", "arch", "init", "label_fraction")
+    lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
+             "|---|---|---|" + "---|" * len(fractions)]
+    methods = [m for m in report.cfg.methods if is_self_supervised(m)]
+    for arch in report.cfg.archs:
+        for init in (i.name for i in report.cfg.inits):
+            start = [_mean_std(r[f"test_{metric}"] for r in cells.get((mode, STARTING_POINT, arch, init, f), []))
+                     for f in fractions]
+            lines.append(f"| {method_name(STARTING_POINT)} | {report.network(arch)} | {init} | "
+                         + " | ".join(_format(stats) for stats in start) + " |")
+            for method in methods:
+                values = []
+                for fraction, base in zip(fractions, start, strict=True):
+                    stats = _mean_std(r[f"test_{metric}"] for r in cells.get((mode, method, arch, init, fraction), []))
+                    delta = "" if np.isnan(stats[0]) or np.isnan(base[0]) else f" ({stats[0] - base[0]:+.3f})"
+                    values.append(_format(stats) + delta)
+                lines.append(f"| {method_name(method)} | {report.network(arch)} | {init} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def _section_readouts(report: Report) -> str:
+    if not report.readouts:
+        return "## What pretraining added\n\nNot run (no readouts in this experiment: `readouts: []`)."
+    text = ["## What pretraining added",
+            "Each pretrained network read out on frozen features, against the same network at its starting point "
+            "(its initialisation, before any pretraining), with the same labelled images. Test-split macro-F1, "
+            "mean ± std over "
+            f"seeds {report.cfg.seeds}; in brackets the difference from the starting point. A method whose "
+            "difference is not clearly positive did not learn features this readout can use."]
+    for mode in report.cfg.readouts:
+        name = READOUT_NAMES[mode].format(k=report.cfg.finetune.knn_k)
+        text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode)]
+    return "\n\n".join(text)
+
+
+SECTIONS = (_section_overview, _section_readouts, _section_reading_guide, _section_results, _section_fraction_curves,
             _section_pretraining_curves, _section_time, _section_robustness, _section_confusion,
             _section_explanations, _section_reproduce)
 

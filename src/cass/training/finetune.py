@@ -13,7 +13,9 @@ labelled files used) and ``config.yaml``; its resume state is deleted once it fi
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,16 @@ from cass.config import (
 from cass.data.cache import readable_images
 from cass.data.dataset import ImageSet
 from cass.data.loaders import image_loader
-from cass.data.sources import DataError, load_splits
+from cass.data.sources import DataError
 from cass.data.transforms import cass_augmentation, eval_transform
 from cass.evaluation.features import extract_features, fit_knn, knn_logits
 from cass.evaluation.losses import class_weights, create_loss
 from cass.evaluation.metrics import ClassificationMetrics
+from cass.evaluation.splits import three_roles
 from cass.evaluation.subsets import label_fraction_indices, save_subset
 from cass.methods.registry import method_class
 from cass.models.factory import Network, create_network
+from cass.models.weights import load_state_dict_file
 from cass.training.fabric import make_fabric
 from cass.training.failures import check_finite_loss
 from cass.utils.atomic import atomic_write_text
@@ -119,7 +123,10 @@ def build_classifier(backbone: Backbone, num_classes: int) -> Network:
     return net
 
 
-def _require_labels(images: ImageSet, what: str) -> None:
+def _require_labels(images: ImageSet | None, what: str) -> None:
+    if images is None:
+        raise ConfigError(f"fine-tuning needs {what} images: give --data with train/ labels (the missing "
+                          "splits are carved from it) or with its own val/ and test/ splits")
     if images.targets is None:
         raise DataError(f"{images.source}: the {what} images have no labels (use one sub-folder per class or a CSV)")
 
@@ -144,7 +151,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     if resume and finished(out):
         (out / STATE).unlink(missing_ok=True)  # a run stopped between its scores and this deletion
-        print(f"{out} already holds a finished model (validation macro-F1 "
+        print(f"{out} already holds a finished model (test macro-F1 "
               f"{json.loads((out / SCORES).read_text())['macro_f1']:.4f}); nothing to resume", flush=True)
         return out
     if (out / MODEL).exists() and not resume and not (out / STATE).exists():
@@ -153,31 +160,37 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     fabric = make_fabric(out, cfg.accelerator, cfg.precision)
     fabric.seed_everything(cfg.seed, verbose=False)
 
-    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
-    if splits.val is None:
-        raise ConfigError("fine-tuning needs validation images: give --val-data, or --data with a val/ split")
-    _require_labels(splits.train, "train")
-    _require_labels(splits.val, "validation")
+    roles = three_roles(cfg.data)
+    _require_labels(roles.train, "train")
+    _require_labels(roles.selection, "selection (val)")
+    _require_labels(roles.test, "test")
     backbone = resolve_backbone(cfg)
-    net = build_classifier(backbone, len(splits.train.classes))
+    net = build_classifier(backbone, len(roles.train.classes))
     # Decoded once at the network's input size (the cache pretraining at that size built is reused).
-    train = readable_images(cfg.data, splits.train, net.input_size)
-    val = readable_images(cfg.data, splits.val, net.input_size)
+    train, selection, test = (readable_images(cfg.data, images, net.input_size)
+                              for images in (roles.train, roles.selection, roles.test))
     chosen = label_fraction_indices(train.targets, cfg.label_fraction, cfg.seed)
     save_subset(out / "subset.csv", train.keys, chosen)
+    roles.save_held_out(out)
     labelled = train.subset(chosen)
     save_yaml(cfg, out / CONFIG)
     info = _model_info(cfg, backbone, net, train)
     fabric.print(f"{cfg.mode} {backbone.role} {backbone.name} from {backbone.init}: {len(labelled)} labelled images "
-                 f"({cfg.label_fraction:.0%}), {len(val)} validation images, {net.input_size} px")
+                 f"({cfg.label_fraction:.0%}), {len(selection)} selection (val) images, {len(test)} test images, "
+                 f"{net.input_size} px")
     if cfg.mode == "knn":
-        metrics = _knn(cfg, fabric, net, labelled, val, out, info)
+        score = _knn(cfg, fabric, net, labelled, out, info)
+        chosen_on = score(selection)  # nothing is selected with k-NN; its selection scores are for reference
     else:
-        metrics = _train(cfg, fabric, net, labelled, val, out, info, resume)
+        chosen_on = _train(cfg, fabric, net, labelled, selection, out, info, resume)
+        score = _best_model_scorer(cfg, fabric, net, out, labelled)
+    reported = score(test)
+    metrics = {**reported, "split": "test", "epoch": chosen_on.get("epoch"), "steps": chosen_on.get("steps"),
+               "selection": {**chosen_on, "split": "val"}}
     atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
     (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
-    fabric.print(f"validation macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics.get('epoch', '-')}); "
-                 f"model directory: {out}")
+    fabric.print(f"test macro-F1 {metrics['macro_f1']:.4f} (selection macro-F1 {chosen_on['macro_f1']:.4f}, "
+                 f"best evaluation {metrics.get('epoch') or '-'}); model directory: {out}")
     return out
 
 
@@ -186,25 +199,46 @@ def finished(out: Path) -> bool:
     return (out / MODEL).is_file() and (out / SCORES).is_file()
 
 
-def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
+MIN_STEPS_PER_PASS = 4
+"""A labelled subset smaller than ``batch_size`` x this gets smaller batches, never one step per pass."""
+
+
+def labelled_batch_size(batch_size: int, labelled: int) -> int:
+    """``batch_size``, but at most a quarter of the labelled images (so a pass has several steps) and at
+    least 2 (BatchNorm needs two images in a training batch)."""
+    return max(2, min(batch_size, labelled // MIN_STEPS_PER_PASS))
+
+
+def passes_per_evaluation(epochs: int, min_steps: int, steps_per_pass: int) -> int:
+    """Passes over the labelled images between two evaluations: 1, or more when ``epochs`` passes would
+    give fewer than ``min_steps`` optimiser steps (a 1 % subset must still get enough steps to learn)."""
+    return max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
+
+
+def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
            info: dict[str, str], resume: bool) -> dict[str, Any]:
-    """The training loop of ``full`` and ``linear``, with early stopping on validation macro-F1."""
+    """The training loop of ``full`` and ``linear``: ``cfg.epochs`` evaluations on the selection split at most,
+    at least ``cfg.min_steps`` optimiser steps in all, early stopping after ``patience`` evaluations
+    without a better selection macro-F1; the best evaluation's weights are kept in ``model.safetensors``."""
     if cfg.mode == "linear":
         for p in net.parameters():
             p.requires_grad_(False)
         for p in net.model.get_classifier().parameters():
             p.requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
-    train_loader = image_loader(labelled, cass_augmentation(net.input_size), cfg.batch_size, cfg.seed, True, cfg.data.num_workers)
-    val_loader = image_loader(val, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, cfg.data.num_workers)
-    total_steps = cfg.epochs * len(train_loader)
+    batch = labelled_batch_size(cfg.batch_size, len(labelled))
+    workers = cfg.data.num_workers  # None: automatic for the data path in use
+    train_loader = image_loader(labelled, cass_augmentation(net.input_size), batch, cfg.seed, True, workers)
+    val_loader = image_loader(selection, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, workers)
+    passes = passes_per_evaluation(cfg.epochs, cfg.min_steps, len(train_loader))
+    total_steps = cfg.epochs * passes * len(train_loader)
     optimizer = Adam(params, lr=cfg.lr, fused=True)
     scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
     weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
     loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)
     metrics = ClassificationMetrics(labelled.classes, labelled.multilabel)
 
-    progress = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "stopped": False}
+    progress = {"epoch": 0, "step": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "stopped": False}
     best: dict[str, Any] = {}
     saved: dict[str, Any] | None = None
     if resume and (out / STATE).exists():
@@ -218,44 +252,50 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
     history = MetricsFile(out / HISTORY, progress["epoch"])
     if saved is not None and "rng" in saved:  # older fine-tuning checkpoints lack it
         set_rng_state(saved["rng"])  # after everything above drew its numbers: the run continues exactly
+    fabric.print(f"batch {batch}, {len(train_loader)} steps per pass, {passes} pass(es) per evaluation, "
+                 f"{total_steps} steps at most")
 
     first = cfg.epochs if progress["stopped"] else progress["epoch"]
-    for epoch in range(first, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.dataset.set_epoch(epoch)
+    for evaluation in range(first, cfg.epochs):
         net.train()
         if cfg.mode == "linear":
             net.eval()  # frozen BatchNorm statistics too
         start = time.perf_counter()
         train_loss = torch.zeros((), device=fabric.device)
-        for images, targets, _ in tqdm(train_loader, desc=f"fine-tune {epoch + 1}/{cfg.epochs}", leave=False):
-            images, targets = fabric.to_device((images, targets))
-            optimizer.zero_grad(set_to_none=True)
-            _, logits = net(images)
-            loss = loss_fn(logits, targets)
-            fabric.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            train_loss += loss.detach()
-        mean_train = float(train_loss) / len(train_loader)
-        # Before this epoch's model, history or checkpoint is written: the last good epoch stays on disk.
-        check_finite_loss(mean_train, epoch + 1, out, out / STATE, progress["epoch"],
-                          advice=f"lower --lr (was {cfg.lr:g}) or check the data")
+        for epoch in range(evaluation * passes, (evaluation + 1) * passes):
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
+            for images, targets, _ in tqdm(train_loader, desc=f"fine-tune {evaluation + 1}/{cfg.epochs}", leave=False):
+                images, targets = fabric.to_device((images, targets))
+                optimizer.zero_grad(set_to_none=True)
+                _, logits = net(images)
+                loss = loss_fn(logits, targets)
+                fabric.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                train_loss += loss.detach()
+                progress["step"] += 1
+        mean_train = float(train_loss) / (passes * len(train_loader))
+        # Before this evaluation's model, history or checkpoint is written: the last good one stays on disk.
+        check_finite_loss(mean_train, evaluation + 1, out / STATE, progress["epoch"],
+                          advice=f"lower --lr (was {cfg.lr:g}) or check the data",
+                          resume=f"rerun the same command with --resume (--out {out})")
         val_loss, scores = _validate(net, val_loader, loss_fn, metrics, fabric.device)
-        progress["epoch"] = epoch + 1
+        progress["epoch"] = evaluation + 1
         improved = scores["macro_f1"] > progress["best_f1"]
         if improved:
-            progress.update(best_f1=scores["macro_f1"], best_epoch=epoch + 1, stale=0)
-            best = {**scores, "epoch": epoch + 1, "val_loss": val_loss}
+            progress.update(best_f1=scores["macro_f1"], best_epoch=evaluation + 1, stale=0)
+            best = {**scores, "epoch": evaluation + 1, "steps": progress["step"], "val_loss": val_loss}
             save_weights(out / MODEL, net.model.state_dict(), info)
         else:
             progress["stale"] += 1
-        history.append({"epoch": epoch + 1, "train_loss": mean_train, "val_loss": val_loss,
-                        "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.perf_counter() - start,
+        history.append({"epoch": evaluation + 1, "step": progress["step"], "train_loss": mean_train,
+                        "val_loss": val_loss, "lr": scheduler.get_last_lr()[0],
+                        "epoch_time_s": time.perf_counter() - start,
                         **{k: scores[k] for k in ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc")
                            if k in scores}})
-        fabric.print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {mean_train:.4f}  val loss {val_loss:.4f}  "
-                     f"val macro-F1 {scores['macro_f1']:.4f}{'  (best)' if improved else ''}")
+        fabric.print(f"evaluation {evaluation + 1}/{cfg.epochs} (step {progress['step']})  train loss {mean_train:.4f}  "
+                     f"val loss {val_loss:.4f}  val macro-F1 {scores['macro_f1']:.4f}{'  (best)' if improved else ''}")
         progress["stopped"] = stop = progress["stale"] >= cfg.patience
         save_checkpoint(out / STATE, {"net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scheduler": scheduler.state_dict(), "progress": progress,
@@ -265,6 +305,23 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, v
             fabric.print(f"early stop: no better validation macro-F1 for {cfg.patience} evaluations")
             break
     return best
+
+
+def _best_model_scorer(cfg: FinetuneConfig, fabric: Any, net: Network, out: Path,
+                       labelled: ImageSet) -> Callable[[ImageSet], dict[str, Any]]:
+    """Scores of the kept (best-evaluation) weights on any labelled image set, without augmentation."""
+    net.model.load_state_dict(load_state_dict_file(out / MODEL))
+    weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
+    loss_fn = create_loss(cfg.loss, weights, labelled.multilabel).to(fabric.device)
+    metrics = ClassificationMetrics(labelled.classes, labelled.multilabel).to(fabric.device)
+
+    def score(images: ImageSet) -> dict[str, Any]:
+        loader = image_loader(images, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False,
+                              cfg.data.num_workers)
+        loss, scores = _validate(net.to(fabric.device), loader, loss_fn, metrics, fabric.device)
+        return {**scores, "loss": loss}
+
+    return score
 
 
 @torch.no_grad()
@@ -282,18 +339,23 @@ def _validate(net: Any, loader: DataLoader, loss_fn: Any, metrics: Classificatio
     return total / count, metrics.compute()
 
 
-def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, val: ImageSet, out: Path,
-         info: dict[str, str]) -> dict[str, Any]:
-    """Cosine k-NN on frozen features (scikit-learn); the bank is saved so the model can predict."""
+def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, out: Path,
+         info: dict[str, str]) -> Callable[[ImageSet], dict[str, Any]]:
+    """Cosine k-NN on frozen features (scikit-learn): saves the bank (so the model can predict) and
+    returns what scores an image set with it."""
     if labelled.multilabel:
         raise ConfigError("--mode knn supports single-label classes only; use --mode linear for multi-label data")
-    bank = extract_features(net, labelled, net.input_size, cfg.batch_size, fabric.device, cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    bank = extract_features(net, labelled, net.input_size, cfg.batch_size, fabric.device, workers)
     save_weights(out / MODEL, net.model.state_dict(), info)
     save_weights(out / KNN_BANK, {"features": torch.from_numpy(bank), "targets": torch.from_numpy(labelled.targets)},
                  {"k": str(cfg.knn_k)})
     knn = fit_knn(bank, labelled.targets, cfg.knn_k)
-    scores = knn_logits(knn, extract_features(net, val, net.input_size, cfg.batch_size, fabric.device,
-                                              cfg.data.num_workers), len(val.classes))
-    metrics = ClassificationMetrics(val.classes, multilabel=False)
-    metrics.update(scores, torch.as_tensor(val.targets))
-    return metrics.compute()
+
+    def score(images: ImageSet) -> dict[str, Any]:
+        features = extract_features(net, images, net.input_size, cfg.batch_size, fabric.device, workers)
+        metrics = ClassificationMetrics(images.classes, multilabel=False)
+        metrics.update(knn_logits(knn, features, len(images.classes)), torch.as_tensor(images.targets))
+        return metrics.compute()
+
+    return score

@@ -91,6 +91,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
     data = build_train_data(cfg, method, fabric)
+    if fabric.is_global_zero:
+        data.roles.save_held_out(run_dir)  # what this run never sees: the test and selection images
     sampler = data.loader.sampler
     steps_per_epoch = len(data.loader)
 
@@ -142,8 +144,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         epoch_time = time.perf_counter() - start
         done = steps_per_epoch - skipped
         mean_loss = float(fabric.all_reduce(loss_sum / max(done, 1), reduce_op="mean")) if done else math.nan
-        check_finite_loss(mean_loss, epoch + 1, run_dir, run_dir / CHECKPOINT, state.epoch,
-                          "lower --lr or check the data (or set on_nonfinite_loss: skip to drop such steps)")
+        check_finite_loss(mean_loss, epoch + 1, run_dir / CHECKPOINT, state.epoch,
+                          advice="lower --lr or check the data (or set on_nonfinite_loss: skip to drop such steps)",
+                          resume=f"--resume {run_dir}")
         state.epoch = epoch + 1
         if swa is not None:
             swa.update(method.networks(), state.epoch)

@@ -23,7 +23,7 @@ from cass.data.cache import open_cache, wants_cache
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
 from cass.data.loaders import resolve_workers
-from cass.data.sources import load_splits
+from cass.evaluation.splits import Roles, three_roles
 from cass.methods.base import PretrainMethod
 
 log = logging.getLogger(__name__)
@@ -69,22 +69,25 @@ class TrainData:
     """Applied after the batch reaches the device: the batched augmentation of the cache path, else nothing."""
     path: str
     """``cache`` or ``pil``: the data path in use."""
+    roles: Roles
+    """The run's train / selection / test images; pretraining reads ``train`` only."""
 
 
 def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> TrainData:
-    """The training split through the data path ``cfg.data.path`` chooses (the same in every process)."""
-    splits = load_splits(cfg.data.data, cfg.data.val_data, max_pixels=cfg.data.max_image_pixels)
-    augment = _device_augment(cfg, method, splits.train)
+    """The training split, without any test or selection images carved from it (:mod:`cass.evaluation.splits`),
+    through the data path ``cfg.data.path`` chooses (the same in every process)."""
+    roles = three_roles(cfg.data)
+    augment = _device_augment(cfg, method, roles.train)
     if fabric.broadcast(augment is not None):  # free disk space may differ between nodes; rank 0 decides
         augment = augment or DeviceAugment(method.train_transform(), method.img_size)
         cache = open_cache(
-            splits.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
+            roles.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
         )
         dataset = ImageDataset(cache.images, augment.host, seed=cfg.seed)
-        return TrainData(dataset, make_loader(dataset, cfg, fabric, "cache"), augment, "cache")
-    train_images = splits.train.check(skip_bad=cfg.data.skip_bad_images)
+        return TrainData(dataset, make_loader(dataset, cfg, fabric, "cache"), augment, "cache", roles)
+    train_images = roles.train.check(skip_bad=cfg.data.skip_bad_images)
     dataset = ImageDataset(train_images, method.train_transform(), seed=cfg.seed)
-    return TrainData(dataset, make_loader(dataset, cfg, fabric, "pil"), _as_loaded, "pil")
+    return TrainData(dataset, make_loader(dataset, cfg, fabric, "pil"), _as_loaded, "pil", roles)
 
 
 def _device_augment(cfg: PretrainConfig, method: PretrainMethod, images: ImageSet) -> DeviceAugment | None:
