@@ -20,6 +20,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def brain_folder(shared_data, tmp_path_factory) -> Path:
+    """The 64-image mini brain MRI set as class folders: ``train/`` (48 images) and ``val/`` (16), no
+    ``test/`` (so fine-tuning carves one from train)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("brain")
+    data = np.load(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
+    for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
+        folder = root / ("val" if i % 4 == 0 else "train") / str(data["classes"][label])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"img{i:03d}.png")
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _image_cache_dir(tmp_path_factory) -> None:
     """Decoded-image caches of the test runs go to a temporary folder, not the user's ~/.cache/cass."""

@@ -78,7 +78,6 @@ def test_demo_config_is_a_valid_round_tripping_grid():
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
     assert cfg.seeds == [0] and cfg.label_fractions == [0.01, 0.1, 1.0]
     assert set(cfg.methods) == {"cass", "cass-vicreg", "dino", "supervised"} and cfg.readouts == ["knn"]
-    assert cfg.sweep_batch_sizes and cfg.sweep_epochs, "the demo report must show the robustness plots"
 
 
 def test_each_pretraining_run_serves_every_cell_that_needs_it():

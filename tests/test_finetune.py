@@ -31,19 +31,6 @@ def write_pngs(shared_data: Path, root: Path) -> tuple[list[str], np.ndarray, li
 
 
 @pytest.fixture(scope="module")
-def brain_folder(shared_data, tmp_path_factory) -> Path:
-    """An ImageFolder root with train/ and val/ (the mini brain MRI set, 3/4 train, 1/4 val)."""
-    root = tmp_path_factory.mktemp("brain")
-    data = np.load(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
-    for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
-        split = "val" if i % 4 == 0 else "train"
-        folder = root / split / str(data["classes"][label])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"img{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def pretrained_run(brain_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pre") / "run"
     cfg = PretrainConfig(data=DataConfig(data=str(brain_folder), num_workers=0), cnn=TINY_CNN, vit=TINY_VIT,

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CNN, TINY_VIT
-from PIL import Image
 from safetensors.torch import load_file
 from sklearn.neighbors import KNeighborsClassifier
 from typer.testing import CliRunner
@@ -38,18 +37,6 @@ from cass.utils.atomic import WriteError
 from cass.utils.checkpoint import load_checkpoint, save_weights
 
 STATE = "checkpoint.safetensors"
-
-
-@pytest.fixture(scope="module")
-def brain_folder(shared_data, tmp_path_factory) -> Path:
-    """The mini brain MRI set as train/ (48 images) and val/ (16 images) class folders."""
-    root = tmp_path_factory.mktemp("brain")
-    data = np.load(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
-    for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
-        folder = root / ("val" if i % 4 == 0 else "train") / str(data["classes"][label])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"img{i:03d}.png")
-    return root
 
 
 def ft_cfg(data: Path, out: Path, **kw) -> FinetuneConfig:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY_CNN, TINY_VIT
-from PIL import Image
 
 from cass.config import DataConfig, FinetuneConfig, PretrainConfig
 from cass.data.sources import DataError
@@ -21,22 +20,12 @@ from cass.training.pretrain import pretrain
 BRAIN_ZIP = "brain-tumor-mri-224/brain_tumor_mri_224_dev.zip"
 
 
-def folder_without_test(shared_data: Path, root: Path) -> Path:
-    """The 64-image brain fixture as train/ and val/ folders: no test split, so one is carved from train."""
-    arrays = np.load(shared_data / "mini-cpu" / "brain_mri_mini_64.npz")
-    for i, (image, label) in enumerate(zip(arrays["images"], arrays["labels"])):
-        folder = root / ("val" if i % 4 == 0 else "train") / str(arrays["classes"][label])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"img{i:03d}.png")
-    return root
-
-
 def listed(path: Path, split: str) -> set[str]:
     return {row["file"] for row in csv.DictReader(open(path)) if row["split"] == split}
 
 
-def test_carving_is_stratified_disjoint_and_fixed_by_the_split_seed(shared_data, tmp_path):
-    data = DataConfig(data=str(folder_without_test(shared_data, tmp_path / "d")))
+def test_carving_is_stratified_disjoint_and_fixed_by_the_split_seed(brain_folder):
+    data = DataConfig(data=str(brain_folder))
     roles = three_roles(data)
     assert set(roles.test.keys).isdisjoint(roles.train.keys) and set(roles.test.keys).isdisjoint(roles.selection.keys)
     assert set(np.unique(roles.test.targets)) == set(range(4))  # every class is in the test split
@@ -52,8 +41,8 @@ def test_a_class_too_small_to_split_is_named():
 
 
 @pytest.mark.slow
-def test_no_test_image_is_pretrained_trained_or_selected_on(shared_data, tmp_path):
-    data = DataConfig(data=str(folder_without_test(shared_data, tmp_path / "d")), num_workers=0)
+def test_no_test_image_is_pretrained_trained_or_selected_on(brain_folder, tmp_path):
+    data = DataConfig(data=str(brain_folder), num_workers=0)
     run = pretrain(PretrainConfig(data=data, cnn=TINY_CNN, vit=TINY_VIT, img_size=32, batch_size=8, epochs=1,
                                   out=str(tmp_path / "pre"), accelerator="cpu"))
     test_images = listed(run / HELD_OUT, "test")

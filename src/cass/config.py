@@ -244,6 +244,9 @@ class FinetuneConfig:
     """Local ImageNet weights when ``source`` is ``imagenet``."""
     mode: str = "full"
     """``full`` (end-to-end, the paper's protocol), ``linear`` (head on frozen features) or ``knn``."""
+    save_model: bool = True
+    """Keep ``model.safetensors`` (and the k-NN bank) for ``cass predict``; False keeps only the scores,
+    history and subset (what an experiment's readouts need: their weights are the pretrained network's)."""
     label_fraction: float = opt(1.0, gt=0, le=1)
     """Fraction of the training labels used, e.g. 0.01, 0.1 or 1.0 (stratified, at least one per class)."""
     seed: int = opt(0, ge=0, le=SEED_MAX)

@@ -133,7 +133,7 @@ def _check_init(init: InitSpec, archs: list[str]) -> None:
 
 _PER_CELL = {
     "pretrain": ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data"),
-    "finetune": ("source", "arch", "cnn", "vit", "weights", "label_fraction", "seed", "out", "data"),
+    "finetune": ("source", "arch", "cnn", "vit", "weights", "label_fraction", "seed", "out", "data", "save_model"),
 }
 
 

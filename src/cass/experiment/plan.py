@@ -187,6 +187,7 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) 
         cfg.finetune, data=cfg.data, source=source, weights=weights, arch=cell.arch, cnn=cfg.pretrain.cnn,
         vit=cfg.pretrain.vit, img_size=cfg.finetune.img_size or cfg.pretrain.img_size,
         label_fraction=cell.label_fraction, seed=cell.seed, mode=cell.mode,
+        save_model=cell.mode == cfg.finetune.mode and cell.method != STARTING_POINT,  # readouts keep scores only
         out=str(Path(cfg.out) / "finetune" / cell.name),
     )
 

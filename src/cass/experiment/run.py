@@ -1,7 +1,8 @@
 """Running (or continuing) an experiment: what ``cass experiment`` does.
 
 Resuming: rerunning the same configuration skips every cell whose ``cell.json`` exists, reuses
-every pretraining run whose exported weights record its last epoch, continues an interrupted
+every pretraining run whose exported weights record its last epoch (a finished run's resume state is
+deleted: its networks, metrics and config are what the cells need), continues an interrupted
 pretraining from its last checkpoint (the engine's resume) and an interrupted fine-tuning from its
 own. A directory written with a different configuration is refused, never silently reused.
 
@@ -111,6 +112,10 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             resume = (Path(run_cfg.out) / CHECKPOINT).is_file()
             print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run.name}", flush=True)
             pretrain(run_cfg, resume=resume)
+        if run is not None:
+            # A finished run's resume state (optimisers, RNG; ~4x its weights) is never needed again here:
+            # another schedule is another run. Its exported networks, metrics and config stay.
+            (Path(run_cfg.out) / CHECKPOINT).unlink(missing_ok=True)
         print(f"{label}: fine-tuning", flush=True)
         start = time.perf_counter()
         finetune(ft_cfg, resume=True)

@@ -189,14 +189,17 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
                "selection": {**chosen_on, "split": "val"}}
     atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
     (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
+    if not cfg.save_model:
+        for name in (MODEL, KNN_BANK):
+            (out / name).unlink(missing_ok=True)
     fabric.print(f"test macro-F1 {metrics['macro_f1']:.4f} (selection macro-F1 {chosen_on['macro_f1']:.4f}, "
                  f"best evaluation {metrics.get('epoch') or '-'}); model directory: {out}")
     return out
 
 
 def finished(out: Path) -> bool:
-    """Whether ``out`` holds a finished model directory (its scores are written only at the end)."""
-    return (out / MODEL).is_file() and (out / SCORES).is_file()
+    """Whether ``out`` holds a finished run: its scores are written only at the very end, after its model."""
+    return (out / SCORES).is_file()
 
 
 MIN_STEPS_PER_PASS = 4
