@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The committed brain-MRI comparison (README "Results", BENCHMARKS.md): the blood-cell stand-in weights,
-# then CASS vs DINO vs supervised from scratch and from the stand-in, 1/10/100 % labels, 3 seeds, then the report.
-# Rerunning resumes: finished stand-ins and cells are skipped.
+# The committed brain-MRI comparison (README "Results", BENCHMARKS.md): CASS, CASS-VICReg, DINO and
+# supervised from random init, k-NN readouts against each network's starting point, 1 and 10 % labels,
+# 3 seeds, then the report, then the files kept under results/. Rerunning resumes (finished cells are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash benchmarks/standin_blood.sh 32
 .venv/bin/cass experiment --config configs/experiments/brain_mri_cpu.yaml
 .venv/bin/cass report runs/brain_mri_cpu
+bash benchmarks/keep_results.sh runs/brain_mri_cpu results/brain_mri_cpu

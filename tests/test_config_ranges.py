@@ -55,8 +55,15 @@ def numeric_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.F
 CASES = [(root, key, f, tp) for root in ROOTS for key, f, tp in numeric_fields(root)]
 
 
+def _without_none(tp: Any) -> Any:
+    """``X`` for ``X | None``, else ``tp``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(tp) and len(args) == 1 else tp
+
+
 def _bad_values(f: dataclasses.Field, tp: Any) -> list[Any]:
     """Values just outside each bound of ``f`` (of its element type for tuples)."""
+    tp = _without_none(tp)
     scalar = next((a for a in (typing.get_args(tp) or (tp,)) if a in (int, float)), int)
     step = 1 if scalar is int else 0.5
     m = f.metadata

@@ -4,6 +4,7 @@ a full training step of a ViT and a CNN student."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,13 @@ from conftest import TINY_CNN, TINY_VIT
 from PIL import Image
 from torch.utils.data import default_collate
 
-from cass.config import ConfigError, DinoConfig, PretrainConfig
+from cass.config import ConfigError, DinoConfig, PretrainConfig, load_yaml, merge
 from cass.methods.base import Progress
 from cass.methods.dino import (
     DINO,
+    NOT_LEARNING_MARGIN,
+    SHORT_BUDGET,
+    SHORT_BUDGET_BASE_LR,
     DINOHead,
     DINOLoss,
     MultiCropTransform,
@@ -25,6 +29,10 @@ from cass.methods.dino import (
     local_crop_size,
 )
 from cass.methods.registry import METHODS
+from cass.training.pretrain import pretrain
+from cass.utils.rundir import METRICS, read_csv
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +148,22 @@ def test_head_prototypes_are_unit_vectors(norm_last_layer):
     assert head.last_layer.parametrizations.weight.original0.requires_grad is not norm_last_layer
 
 
+def test_batchnorm_in_head_removes_what_all_images_share():
+    """Features with a large common part (a random CNN's pooled features) give nearly one bottleneck direction
+    for every image without BatchNorm; with it, the per-image part decides the direction."""
+    torch.manual_seed(0)
+    features = 10 + 0.1 * torch.randn(32, 16)
+    plain, normed = (DINOHead(16, 40, 24, 8, use_bn=use_bn) for use_bn in (False, True))
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in normed.mlp) == 2
+    assert [n for n, _ in plain.mlp.named_children() if n in ("0", "2", "4")] == ["0", "2", "4"]  # same names
+
+    def mean_cosine(head):
+        z = torch.nn.functional.normalize(head.mlp(features), dim=-1)
+        return (z @ z.T).mean().item()
+
+    assert mean_cosine(plain) > 0.99 and mean_cosine(normed) < 0.2
+
+
 @pytest.mark.parametrize(
     ("img_size", "multiple", "expected"), [(224, 16, 96), (384, 16, 160), (32, 16, 16), (32, 1, 14), (10, 1, 8)]
 )
@@ -209,28 +233,50 @@ def test_training_step_moves_student_then_teacher_with_last_layer_frozen_in_epoc
     assert not torch.equal(last_layer, frozen_before)
 
 
-def test_optimizer_scales_lr_warms_up_within_the_run_and_schedules_weight_decay():
-    cfg = dino_config("cnn", warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4)
-    cfg.epochs, cfg.lr, cfg.batch_size, cfg.min_lr = 10, 5e-4, 512, 1e-6
+@pytest.mark.parametrize(("arch", "optimizer_class", "base_lr", "wd", "wd_end"), [
+    ("vit", torch.optim.AdamW, 5e-4, 0.04, 0.4),  # DINO's ViT recipe
+    ("cnn", torch.optim.SGD, 0.03, 1e-4, 1e-4),  # DINO's ResNet recipe: SGD, fixed weight decay
+])
+def test_student_recipe_scales_lr_warms_up_within_the_run_and_schedules_weight_decay(
+        arch, optimizer_class, base_lr, wd, wd_end):
+    cfg = dino_config(arch, warmup_epochs=10)
+    cfg.epochs, cfg.lr, cfg.batch_size, cfg.min_lr = 10, 123.0, 512, 1e-6  # cfg.lr is CASS's: ignored
     method = DINO(cfg)
     [optimizer], [scheduler] = method.configure_optimizers(total_steps=100)
+    assert type(optimizer) is optimizer_class
     decayed, not_decayed = optimizer.param_groups
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in not_decayed["params"])
     assert not_decayed["weight_decay"] == 0.0
-    peak = 5e-4 * 512 / 256
+    peak = base_lr * 512 / 256
     lrs = []
     for step in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
         progress = Progress(epoch=step // 10, step=step, steps_per_epoch=10, epochs=10)
         method.before_optimizer_step(progress)
         optimizer.step()  # no gradients: only keeps the scheduler's expected call order
-        expected_wd = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * step / 100))
+        expected_wd = wd_end + (wd - wd_end) * 0.5 * (1 + math.cos(math.pi * step / 100))
         assert decayed["weight_decay"] == pytest.approx(expected_wd)
         scheduler.step()
     # Ten warm-up epochs in a ten-epoch run are clamped to half of it: 50 steps up, 50 down.
     assert lrs[0] == pytest.approx(peak / 50)
     assert max(lrs) == pytest.approx(peak) and int(np.argmax(lrs)) == 49
     assert lrs[-1] == pytest.approx(1e-6, abs=peak * 1e-3)
+
+
+def test_given_options_override_the_student_recipe_and_crops_come_from_a_larger_source():
+    cfg = dino_config("cnn", optimizer="adamw", base_lr=1e-3, local_crop_scale=(0.1, 0.2))
+    method = DINO(cfg)
+    [optimizer], _ = method.configure_optimizers(total_steps=10)
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-4  # not given: still the CNN recipe's
+    transform = method.train_transform()
+    assert transform.local.transforms[0].scale == (0.1, 0.2)
+    assert transform.global1.transforms[0].scale == (0.14, 1.0)
+    assert method.source_size == 64  # twice the 32 px training size
+    with pytest.raises(ConfigError, match="--dino-optimizer"):
+        DINO(dino_config("cnn", optimizer="lamb"))
+    with pytest.raises(ConfigError, match="--dino-source-size 16"):
+        DINO(dino_config("cnn", source_size=16))
 
 
 def test_exports_teacher_backbone_and_checkpoints_the_centre():
@@ -248,3 +294,25 @@ def test_bad_arch_and_non_vit_transformer_are_refused_by_option_name():
     cfg.vit = TINY_CNN
     with pytest.raises(ConfigError, match="--vit resnet18"):
         DINO(cfg)
+
+
+def test_short_budget_config_file_states_the_short_budget_settings():
+    cfg = load_yaml(PretrainConfig, REPO / "configs" / "pretrain" / "dino_cnn_short.yaml")
+    assert {name: getattr(cfg.dino, name) for name in SHORT_BUDGET} == SHORT_BUDGET
+    assert cfg.dino.base_lr == SHORT_BUDGET_BASE_LR[cfg.arch]
+
+
+@pytest.mark.slow
+def test_short_budget_settings_learn_on_real_images(tmp_path):
+    """The documented short-budget settings (configs/pretrain/dino_cnn_short.yaml) on the shipped brain-MRI
+    sample (about 200 train images) at 32 px: after 6 short epochs (78 steps) the loss is clearly below ln K,
+    the loss of a uniform teacher (at this budget the published recipe stays at ln K: BENCHMARKS.md)."""
+    cfg = load_yaml(PretrainConfig, REPO / "configs" / "pretrain" / "dino_cnn_short.yaml")
+    cfg = merge(cfg, {"img_size": 32, "batch_size": 16, "epochs": 6, "seed": 0, "accelerator": "cpu",
+                      "data.num_workers": 0, "out": str(tmp_path / "dino")})
+    rows = read_csv(pretrain(cfg) / METRICS)
+    chance = math.log(cfg.dino.out_dim)
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < chance - 3 * NOT_LEARNING_MARGIN, (losses, chance)
+    assert float(rows[-1]["teacher_entropy"]) < chance - 1.0
+    assert not DINO.learning_warnings(rows[-1], cfg)

@@ -138,6 +138,22 @@ def test_per_cell_options_and_missing_weights_are_refused(tmp_path):
         validate(ExperimentConfig(label_fractions=[10]))
 
 
+def test_pretrain_overrides_reach_only_their_run_and_bad_ones_are_refused_by_name():
+    yaml_values = {"methods": ["cass", "dino"], "pretrain_overrides": {"dino-cnn": {"dino.base_lr": 0.24}}}
+    cfg = from_dict(ExperimentConfig, yaml_values)
+    validate(cfg)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    runs = {pretrain_run(cfg, c) for c in plan(cfg)} - {None}
+    lrs = {run.label: pretrain_config(cfg, run).dino.base_lr for run in runs}
+    assert lrs == {"cass": None, "dino-cnn": 0.24, "dino-vit": None}  # None: the student's recipe
+    with pytest.raises(ConfigError, match=r"pretrain_overrides.dino: no such pretraining run.*dino-cnn"):
+        validate(from_dict(ExperimentConfig, {"pretrain_overrides": {"dino": {"dino.base_lr": 1.0}}}))
+    with pytest.raises(ConfigError, match="unknown option dino.lr"):
+        validate(from_dict(ExperimentConfig, {"pretrain_overrides": {"dino-vit": {"dino.lr": 1.0}}}))
+    with pytest.raises(ConfigError, match="pretrain_overrides.cass: epochs must be the same"):
+        validate(from_dict(ExperimentConfig, {"pretrain_overrides": {"cass": {"epochs": 9}}}))
+
+
 def test_stand_in_init_gives_each_network_its_own_weights(tmp_path):
     cnn, vit = tmp_path / "cnn_model.safetensors", tmp_path / "vit_model.safetensors"
     cnn.touch()

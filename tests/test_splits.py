@@ -34,6 +34,17 @@ def test_carving_is_stratified_disjoint_and_fixed_by_the_split_seed(brain_folder
     assert other.test.keys != roles.test.keys and len(other.test) == len(roles.test)
 
 
+def test_train_images_subsets_train_only_stratified_and_fixed(shared_data):
+    data = DataConfig(data=str(shared_data / BRAIN_ZIP))
+    full = three_roles(data)
+    small = three_roles(DataConfig(data=data.data, train_images=400))
+    assert abs(len(small.train) - 400) <= 4 and set(small.train.keys) <= set(full.train.keys)
+    assert small.test.keys == full.test.keys and small.selection.keys == full.selection.keys
+    share = np.bincount(small.train.targets) / len(small.train)
+    np.testing.assert_allclose(share, np.bincount(full.train.targets) / len(full.train), atol=0.01)
+    assert three_roles(DataConfig(data=data.data, train_images=400)).train.keys == small.train.keys
+
+
 def test_a_class_too_small_to_split_is_named():
     targets = np.array([0, 0, 0, 1, 2, 2])
     with pytest.raises(DataError, match="class 'b' has 1 image"):

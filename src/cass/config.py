@@ -80,6 +80,10 @@ class DataConfig:
     val_fraction: float = opt(0.15, flag="--val-fraction", gt=0, lt=1)
     """When the data has no ``val`` split (and no ``val_data``): this fraction of every class of ``train``
     becomes the selection split (early stopping, best epoch)."""
+    train_images: int | None = opt(None, flag="--train-images", ge=1)
+    """Use about this many images of ``train`` (after the carving above): a stratified subset fixed by
+    ``split_seed``, for quick comparisons on a large set. Pretraining and the labelled fractions draw from
+    it; the selection and test splits are unchanged. None: all of them."""
     split_seed: int = opt(0, flag="--split-seed", ge=0)
     """Seed of the carved test and selection splits; one value for every run of an experiment, so that
     every method is scored on the same images whatever the run's own seed."""
@@ -121,8 +125,12 @@ class CassVicregConfig:
 class DinoConfig:
     """Options of the DINO baseline (Caron et al. 2021, standard recipe)."""
 
-    base_lr: float = opt(5e-4, gt=0)
-    """Learning rate per 256 images (DINO's linear scaling); ``lr`` is CASS's and is not used by DINO."""
+    optimizer: str | None = None
+    """``adamw`` or ``sgd`` (momentum 0.9). None: the student's recipe (:data:`cass.methods.dino.RECIPES`):
+    AdamW for a ViT student, SGD for a CNN student, as in DINO's official ResNet-50 run."""
+    base_lr: float | None = opt(None, gt=0)
+    """Learning rate per 256 images (DINO's linear scaling); ``lr`` is CASS's and is not used by DINO.
+    None: the student's recipe (ViT 5e-4 with AdamW, CNN 0.03 with SGD)."""
     out_dim: int = opt(65536, ge=1)
     """Output dimensions of the DINO head (prototypes)."""
     hidden_dim: int = opt(2048, ge=1)
@@ -131,10 +139,16 @@ class DinoConfig:
     """Width of the head's bottleneck before the last (weight-normalised) layer."""
     n_local_crops: int = opt(10, ge=0)
     """Small local crops per image, besides the two global ones."""
-    global_crop_scale: tuple[float, float] = opt((0.4, 1.0), gt=0, le=1)
-    """Area range of the global crops, as fractions of the image."""
-    local_crop_scale: tuple[float, float] = opt((0.05, 0.4), gt=0, le=1)
-    """Area range of the local crops, as fractions of the image."""
+    global_crop_scale: tuple[float, float] | None = opt(None, gt=0, le=1)
+    """Area range of the global crops, as fractions of the image. None: the student's recipe (ViT 0.4-1,
+    CNN 0.14-1)."""
+    local_crop_scale: tuple[float, float] | None = opt(None, gt=0, le=1)
+    """Area range of the local crops, as fractions of the image. None: the student's recipe (ViT
+    0.05-0.4, CNN 0.05-0.14)."""
+    source_size: int | None = opt(None, ge=8)
+    """Side of the square image the crops are cut from on the cache path, so that crops keep detail above
+    the training size instead of being upsampled from it. None: twice the training size, at most 224 px
+    and never below the training size. (The PIL path cuts from the original files.)"""
     local_crop_fraction: float = opt(96 / 224, gt=0, le=1)
     """Local crop size as a fraction of the image size (96 px at 224)."""
     teacher_temp: float = opt(0.07, gt=0)
@@ -149,10 +163,11 @@ class DinoConfig:
     """EMA momentum of the centre subtracted from the teacher's outputs."""
     momentum_teacher: float = opt(0.996, ge=0, le=1)
     """Teacher EMA momentum at the start (cosine schedule to 1)."""
-    weight_decay: float = opt(0.04, ge=0)
-    """Weight decay at the start (cosine schedule to ``weight_decay_end``)."""
-    weight_decay_end: float = opt(0.4, ge=0)
-    """Weight decay at the end of the run."""
+    weight_decay: float | None = opt(None, ge=0)
+    """Weight decay at the start (cosine schedule to ``weight_decay_end``). None: the student's recipe
+    (ViT 0.04, CNN 1e-4)."""
+    weight_decay_end: float | None = opt(None, ge=0)
+    """Weight decay at the end of the run. None: the student's recipe (ViT 0.4, CNN 1e-4: fixed)."""
     warmup_epochs: int = opt(10, ge=0)
     """Epochs of linear learning-rate warm-up (at most half the run)."""
     clip_grad: float = opt(3.0, ge=0)
@@ -161,6 +176,8 @@ class DinoConfig:
     """Epochs during which the head's last layer is not updated."""
     norm_last_layer: bool = True
     """Weight-normalise the head's last layer with a fixed norm (DINO's stabler choice)."""
+    use_bn_in_head: bool = False
+    """BatchNorm after each hidden layer of the head (DINO's ``--use_bn_in_head``; off in its recipes)."""
 
 
 @dataclass
@@ -392,6 +409,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

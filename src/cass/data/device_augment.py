@@ -19,10 +19,11 @@ second. Here the same transform object is split in two:
 
 Against the PIL path the random parameters are identical for a given seed when the cached image
 has the size the PIL pipeline sees at that point: always for CASS (its pipeline starts with the very
-``Resize`` the cache applies). DINO's multi-crop draws its crops from the cached image at the
-training size instead of the original file; when the originals are larger or not square, crops
-are cut from that square resize, so fine detail above the training size is not available to
-local crops (``data.path: pil`` keeps the originals). Pixel kernels differ slightly from PIL's (tensor
+``Resize`` the cache applies). DINO's multi-crop draws its crops from a cached square larger than
+the training size (``dino.source_size``, by default twice it) instead of the original file, so local
+crops keep detail above the training size without decoding the originals every epoch; when the
+originals are not square, crops are cut from that square resize (``data.path: pil`` keeps the
+originals). Pixel kernels differ slightly from PIL's (tensor
 vs PIL rounding and interpolation), as they do for any torchvision tensor pipeline.
 """
 

@@ -22,7 +22,12 @@ import numpy as np
 from cass.config import DataConfig
 from cass.data.dataset import ImageSet
 from cass.data.sources import DataError, Splits, load_splits
-from cass.evaluation.subsets import _strata, _validated, subset_size
+from cass.evaluation.subsets import (
+    _strata,
+    _validated,
+    label_fraction_indices,
+    subset_size,
+)
 from cass.utils.atomic import atomic_write_text
 
 HELD_OUT = "held_out.csv"
@@ -84,11 +89,23 @@ def three_roles(data: DataConfig) -> Roles:
     train, val, test = splits.train, splits.val, splits.test
     carved: dict[str, list[str]] = {}
     if train.targets is None:
-        return Roles(train, val, test, carved)
+        return Roles(_limited(train, data), val, test, carved)
     if test is None:
         train, test = _carve(train, data.test_fraction, data.split_seed, "test")
         carved["test"] = list(test.keys)
     if val is None:
         train, val = _carve(train, data.val_fraction, data.split_seed + 1, "val")
         carved["val"] = list(val.keys)
-    return Roles(train, val, test, carved)
+    return Roles(_limited(train, data), val, test, carved)
+
+
+def _limited(train: ImageSet, data: DataConfig) -> ImageSet:
+    """At most ``data.train_images`` of ``train``: stratified when labelled, fixed by ``split_seed``."""
+    if data.train_images is None or data.train_images >= len(train):
+        return train
+    seed = data.split_seed + 2
+    if train.targets is None:
+        kept = np.sort(np.random.default_rng(seed).permutation(len(train))[: data.train_images])
+    else:
+        kept = label_fraction_indices(train.targets, data.train_images / len(train), seed)
+    return dataclasses.replace(train.subset(kept), source=f"{train.source} ({len(kept)} of {len(train)} images)")

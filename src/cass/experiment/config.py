@@ -7,15 +7,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cass.config import (
     ConfigError,
     DataConfig,
     FinetuneConfig,
     PretrainConfig,
+    merge,
 )
 from cass.evaluation.subsets import check_fraction
-from cass.methods.registry import method_names
+from cass.methods.registry import method_class, method_names
 
 SUPERVISED = "supervised"
 """The baseline without pretraining: the same network and initialisation trained with labels only."""
@@ -82,6 +84,10 @@ class ExperimentConfig:
     sweep_label_fractions: list[float] = field(default_factory=lambda: [1.0])
     """Label fractions at which the sweeps' pretraining runs are fine-tuned."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of ``pretrain`` that differ between pretraining runs, by run label (``cass``, ``dino-cnn``,
+    ``dino-vit``) as dotted keys, e.g. ``{dino-cnn: {dino.base_lr: 0.24}}``: DINO's CNN student trains with
+    SGD and its ViT student with AdamW, whose learning rates differ by two orders of magnitude."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out: str = "runs/experiment"
 
@@ -108,6 +114,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for init in cfg.inits:
         _check_init(init, cfg.archs)
     _refuse_per_cell_fields(cfg)
+    _check_pretrain_overrides(cfg)
 
 
 def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> None:
@@ -135,6 +142,33 @@ _PER_CELL = {
     "pretrain": ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data"),
     "finetune": ("source", "arch", "cnn", "vit", "weights", "label_fraction", "seed", "out", "data", "save_model"),
 }
+
+
+def run_labels(cfg: ExperimentConfig) -> list[str]:
+    """The labels of the grid's pretraining runs: the method for one that trains both networks, else
+    ``method-arch``."""
+    labels = []
+    for method in (m for m in cfg.methods if is_self_supervised(m)):
+        both = method_class(method).trains_both_networks
+        labels += [method] if both else [f"{method}-{arch}" for arch in cfg.archs]
+    return labels
+
+
+_FIXED_BY_GRID = ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data", "batch_size",
+                  "epochs", "cnn", "vit", "img_size")
+
+
+def _check_pretrain_overrides(cfg: ExperimentConfig) -> None:
+    """Every key names a run of the grid and every option exists and is not one the grid sets or compares on."""
+    labels = run_labels(cfg)
+    for label, options in cfg.pretrain_overrides.items():
+        if label not in labels:
+            raise ConfigError(f"experiment: pretrain_overrides.{label}: no such pretraining run; runs: {labels}")
+        fixed = sorted(key for key in options if key.split(".")[0] in _FIXED_BY_GRID)
+        if fixed:
+            raise ConfigError(f"experiment: pretrain_overrides.{label}: {', '.join(fixed)} must be the same for "
+                              "every run (set it in pretrain or the grid)")
+        merge(cfg.pretrain, options, where=f"experiment: pretrain_overrides.{label}")
 
 
 def _refuse_per_cell_fields(cfg: ExperimentConfig) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from cass.config import (
     FinetuneConfig,
     PretrainConfig,
+    merge,
 )
 from cass.experiment.config import (
     ARCHS,
@@ -90,12 +91,13 @@ class Cell:
 
 
 def plan(cfg: ExperimentConfig) -> list[Cell]:
-    """Every cell, main grid first, then the sweeps; cells sharing a pretraining run are adjacent."""
+    """Every cell: the frozen-feature readouts first (cheap, and the first thing the report shows, so an
+    interrupted experiment already has them), then the fine-tuning grid seed by seed, then the sweeps."""
     base = (cfg.pretrain.batch_size, cfg.pretrain.epochs)
     settings = [base]
     settings += [(b, cfg.pretrain.epochs) for b in cfg.sweep_batch_sizes]
     settings += [(cfg.pretrain.batch_size, e) for e in cfg.sweep_epochs]
-    cells: dict[Cell, None] = {}
+    cells: dict[Cell, None] = dict.fromkeys(readout_cells(cfg))
     for batch_size, epochs in dict.fromkeys(settings):
         is_base = (batch_size, epochs) == base
         fractions = cfg.label_fractions if is_base else cfg.sweep_label_fractions
@@ -108,8 +110,6 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
                         for fraction in fractions:
                             cells[Cell(method, arch, init.name, fraction, seed, batch_size if pretrained else None,
                                        epochs if pretrained else None, cfg.finetune.mode)] = None
-    for cell in readout_cells(cfg):
-        cells[cell] = None
     return list(cells)
 
 
@@ -167,8 +167,9 @@ def pretrain_config(cfg: ExperimentConfig, run: PretrainRun) -> PretrainConfig:
         weights = {"init": init.name, "cnn_weights": init.cnn_weights, "vit_weights": init.vit_weights}
     else:
         weights = {"init": str(stand_in_dir(cfg, init))}
+    shared = merge(cfg.pretrain, cfg.pretrain_overrides.get(run.label, {}), where=f"pretrain_overrides.{run.label}")
     return dataclasses.replace(
-        cfg.pretrain, method=run.method, arch=run.arch or cfg.pretrain.arch, data=cfg.data,
+        shared, method=run.method, arch=run.arch or cfg.pretrain.arch, data=cfg.data,
         batch_size=run.batch_size, epochs=run.epochs, seed=run.seed,
         out=str(pretrain_dir(cfg, run)), **weights,
     )

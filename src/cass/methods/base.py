@@ -112,6 +112,12 @@ class PretrainMethod(nn.Module):
         """The training resolution: the config's, else the first network's own."""
         return self.cfg.img_size or next(iter(self.networks().values())).input_size
 
+    @property
+    def source_size(self) -> int:
+        """Side of the square images the train transform receives on the cache path (the training size,
+        unless the method cuts crops from larger images)."""
+        return self.img_size
+
     def networks(self) -> dict[str, Network]:
         """The networks that are exported after pretraining, by role (``cnn``, ``vit``)."""
         raise NotImplementedError

@@ -12,9 +12,11 @@ centering), :class:`MultiCropTransform` (views), :func:`ema_update` and :func:`c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
-from torch.optim import AdamW, Optimizer
+from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torchvision.transforms import v2
 
@@ -40,6 +42,8 @@ class DINOHead(nn.Module):
 
     With ``norm_last_layer`` the weight norm ``g`` is fixed to 1, so every prototype is a unit vector
     and the logits are cosines: DINO found this stabilises training (only the directions are learnt).
+    ``use_bn`` puts a BatchNorm after each hidden layer (DINO's ``--use_bn_in_head``): it removes the
+    component all images share, which dominates the pooled features of a randomly initialised CNN.
     """
 
     def __init__(
@@ -49,15 +53,14 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(width_in: int) -> list[nn.Module]:
+            return [nn.Linear(width_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -252,9 +255,56 @@ def _patch_size(network: Network) -> int:
     return int(patch_embed.patch_size[0]) if patch_embed is not None else 1
 
 
+@dataclass(frozen=True)
+class StudentRecipe:
+    """The optimiser and crop settings DINO's authors published for one kind of student."""
+
+    optimizer: str
+    base_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    global_crop_scale: tuple[float, float]
+    local_crop_scale: tuple[float, float]
+
+
+RECIPES = {
+    # ViT-S/16 (main_dino.py defaults).
+    "vit": StudentRecipe("adamw", 5e-4, 0.04, 0.4, (0.4, 1.0), (0.05, 0.4)),
+    # ResNet-50 (the official repository's ResNet command): SGD, fixed small weight decay, wider crop scales.
+    "cnn": StudentRecipe("sgd", 0.03, 1e-4, 1e-4, (0.14, 1.0), (0.05, 0.14)),
+}
+"""Defaults of every ``dino`` option left at None, by student (``cfg.arch``)."""
+
+OPTIMIZERS = ("adamw", "sgd")
+
+SHORT_BUDGET = {
+    "out_dim": 1024, "n_local_crops": 2, "local_crop_fraction": 0.5, "teacher_temp": 0.02,
+    "warmup_teacher_temp": 0.02, "momentum_teacher": 0.99, "freeze_last_layer_epochs": 0, "warmup_epochs": 1,
+    "use_bn_in_head": True,
+}
+"""``dino`` options under which DINO learns in a few hundred steps on a small medical set (the search in
+BENCHMARKS.md, "DINO at CPU scale"; ``configs/pretrain/dino_cnn_short.yaml`` explains each): a sharp teacher
+kept sharp, BatchNorm in the head, a teacher and head that move within the run, and a CPU-sized head."""
+SHORT_BUDGET_BASE_LR = {"cnn": 0.24, "vit": 0.008}
+"""``dino.base_lr`` of each student on a short budget: lr 0.03 (SGD) and 1e-3 (AdamW) at batch 32."""
+
+
+def recipe(cfg: PretrainConfig) -> StudentRecipe:
+    """The run's optimiser and crop settings: each ``dino`` option given, else the student's recipe."""
+    base = RECIPES[cfg.arch]
+    given = {f.name: getattr(cfg.dino, f.name) for f in dataclasses.fields(StudentRecipe)}
+    return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
 def peak_lr(cfg: PretrainConfig) -> float:
-    """DINO's linear scaling rule: ``dino.base_lr`` is the rate for 256 images, scaled by the global batch."""
-    return cfg.dino.base_lr * cfg.batch_size / 256
+    """DINO's linear scaling rule: ``base_lr`` is the rate for 256 images, scaled by the global batch."""
+    return recipe(cfg).base_lr * cfg.batch_size / 256
+
+
+def source_size(cfg: PretrainConfig, img_size: int) -> int:
+    """Side of the cached square the crops are cut from: ``dino.source_size``, else twice the training
+    size, at most 224 px and never below the training size."""
+    return cfg.dino.source_size or max(img_size, min(2 * img_size, 224))
 
 
 @register_method("dino")
@@ -284,7 +334,8 @@ class DINO(PretrainMethod):
         )
         if cfg.arch == "vit":
             _require_vision_transformer(backbone)
-        head = DINOHead(backbone.num_features, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer)
+        head = DINOHead(backbone.num_features, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.norm_last_layer,
+                        d.use_bn_in_head)
         self.student = MultiCropEncoder(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         # DINO warms the temperature up over 30 epochs; a shorter run completes the warm-up in its last epoch.
@@ -296,10 +347,23 @@ class DINO(PretrainMethod):
     def networks(self) -> dict[str, Network]:
         return {self.cfg.arch: self.teacher.backbone}
 
+    @classmethod
+    def check_config(cls, cfg: PretrainConfig) -> None:
+        super().check_config(cfg)
+        if cfg.dino.optimizer is not None and cfg.dino.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--dino-optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.dino.optimizer!r}")
+        if cfg.img_size and cfg.dino.source_size and cfg.dino.source_size < cfg.img_size:
+            raise ConfigError(f"--dino-source-size {cfg.dino.source_size} is below --img-size {cfg.img_size}: crops "
+                              "would be upsampled")
+
+    @property
+    def source_size(self) -> int:
+        return source_size(self.cfg, self.img_size)
+
     def train_transform(self) -> MultiCropTransform:
-        d = self.cfg.dino
+        d, r = self.cfg.dino, recipe(self.cfg)
         local_size = local_crop_size(self.img_size, d.local_crop_fraction, _patch_size(self.student.backbone))
-        return MultiCropTransform(self.img_size, d.n_local_crops, d.global_crop_scale, d.local_crop_scale, local_size)
+        return MultiCropTransform(self.img_size, d.n_local_crops, r.global_crop_scale, r.local_crop_scale, local_size)
 
     def forward(self, images: list[torch.Tensor], progress: Progress) -> StepOutput:
         """``images``: one batch per crop, the 2 global crops first (what the transform's lists collate to).
@@ -335,18 +399,22 @@ class DINO(PretrainMethod):
         return warnings
 
     def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:
-        """AdamW (no weight decay on biases and norms), linear warm-up then cosine to ``min_lr``, per step.
+        """AdamW or SGD (the student's recipe; no weight decay on biases and norms), linear warm-up then
+        cosine to ``min_lr``, per step.
 
         The warm-up is ``warmup_epochs`` long but at most half the run, so a short run still decays.
         """
-        d = self.cfg.dino
+        d, r = self.cfg.dino, recipe(self.cfg)
         trainable = [p for p in self.student.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in trainable if p.ndim > 1], "weight_decay": d.weight_decay},
+            {"params": [p for p in trainable if p.ndim > 1], "weight_decay": r.weight_decay},
             {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
         ]
         lr = peak_lr(self.cfg)
-        self._optimizer = AdamW(groups, lr=lr, fused=True)  # fused kernels on CPU and GPU
+        if r.optimizer == "sgd":
+            self._optimizer = SGD(groups, lr=lr, momentum=0.9)
+        else:
+            self._optimizer = AdamW(groups, lr=lr, fused=True)  # fused kernels on CPU and GPU
         warmup_steps = min(d.warmup_epochs * total_steps // self.cfg.epochs, total_steps // 2)
         schedule = cosine_lambda(total_steps, lr, self.cfg.min_lr, warmup_steps)
         return [self._optimizer], [LambdaLR(self._optimizer, schedule)]
@@ -359,9 +427,9 @@ class DINO(PretrainMethod):
         """
         if self._optimizer is None:
             raise RuntimeError("DINO.configure_optimizers must be called before training steps")
-        d = self.cfg.dino
+        d, r = self.cfg.dino, recipe(self.cfg)
         self._optimizer.param_groups[0]["weight_decay"] = cosine(
-            progress.step, progress.total_steps, d.weight_decay, d.weight_decay_end
+            progress.step, progress.total_steps, r.weight_decay, r.weight_decay_end
         )
         if d.clip_grad > 0:
             clip_gradients_per_tensor(self.student.parameters(), d.clip_grad)

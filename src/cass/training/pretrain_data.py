@@ -79,9 +79,9 @@ def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric
     roles = three_roles(cfg.data)
     augment = _device_augment(cfg, method, roles.train)
     if fabric.broadcast(augment is not None):  # free disk space may differ between nodes; rank 0 decides
-        augment = augment or DeviceAugment(method.train_transform(), method.img_size)
+        augment = augment or DeviceAugment(method.train_transform(), method.source_size)
         cache = open_cache(
-            roles.train, method.img_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
+            roles.train, method.source_size, cfg.data.cache_dir, cfg.data.skip_bad_images, cfg.data.num_workers
         )
         dataset = ImageDataset(cache.images, augment.host, seed=cfg.seed)
         return TrainData(dataset, make_loader(dataset, cfg, fabric, "cache"), augment, "cache", roles)
@@ -92,10 +92,10 @@ def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric
 
 def _device_augment(cfg: PretrainConfig, method: PretrainMethod, images: ImageSet) -> DeviceAugment | None:
     """The method's augmentation for the cache path, or None for the PIL path (``auto`` logs why)."""
-    if not wants_cache(cfg.data, images, method.img_size):
+    if not wants_cache(cfg.data, images, method.source_size):
         return None
     try:
-        return DeviceAugment(method.train_transform(), method.img_size)
+        return DeviceAugment(method.train_transform(), method.source_size)
     except UnsupportedAugmentation as err:
         if cfg.data.path == "cache":
             raise ConfigError(f"data.path cache: {err}") from err
