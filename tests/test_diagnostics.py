@@ -71,6 +71,8 @@ def test_dino_at_ln_k_after_warm_up_is_reported_as_not_learning():
     cfg, ln_k = dino_cfg(), math.log(1024)
     warnings = method_class("dino").learning_warnings({"epoch": 5, "loss": ln_k - 0.01}, cfg)
     assert any("DINO is not learning" in w and "ln K" in w for w in warnings)
+    # and it says what to try first: half the configured teacher temperature (0.07 here)
+    assert any("--dino-teacher-temp and --dino-warmup-teacher-temp 0.035" in w for w in warnings)
     assert not method_class("dino").learning_warnings({"epoch": 5, "loss": ln_k - 1.0}, cfg)
     assert not method_class("dino").learning_warnings({"epoch": 1, "loss": ln_k}, cfg)  # still warming up
     assert DINO is method_class("dino")

@@ -23,7 +23,7 @@ from cass.config import (
     merge,
     to_dict,
 )
-from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, validate
+from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, run_labels, validate
 from cass.experiment.demo import demo_config
 from cass.experiment.plan import (
     Cell,
@@ -101,6 +101,8 @@ def test_each_pretraining_run_serves_every_cell_that_needs_it():
         served = runs[run]
         assert {c.label_fraction for c in served} == {0.01, 0.1, 1.0} and {c.seed for c in served} == {run.seed}
         assert {c.arch for c in served} == ({"cnn", "vit"} if run.method == "cass" else {run.arch})
+    # the names pretrain_overrides are checked against are the names of the runs the plan makes
+    assert run_labels(cfg) == ["cass", "dino-cnn", "dino-vit"] == sorted({r.label for r in runs})
 
     shared = ExperimentConfig(seeds=[3, 4], pretrain_per_seed=False, readouts=[])
     assert {pretrain_run(shared, c).seed for c in plan(shared) if c.method != "supervised"} == {3}

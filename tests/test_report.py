@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 
 from cass.cli.main import app
 from cass.config import load_yaml, merge
-from cass.experiment.config import ExperimentConfig
+from cass.experiment.config import STARTING_POINT, ExperimentConfig
 from cass.experiment.run import run_experiment
 from cass.models.factory import create_network
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
-from cass.reporting.report import Report, _section_robustness, results_table
+from cass.reporting.report import Report, _section_robustness, clear_gain, readout_verdict, results_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -134,6 +134,29 @@ def test_results_table_is_mean_and_sample_std_over_seeds(experiment_dir):
     cass_cnn = next(line for line in table.splitlines() if line.startswith("| CASS | CNN"))
     assert f"{mean:.3f} ± {std:.3f} (n=3)" in cass_cnn
     assert "not run" in next(line for line in table.splitlines() if line.startswith("| DINO | CNN"))
+
+
+def test_a_gain_is_clear_only_beyond_both_spreads_and_with_two_seeds():
+    start = (0.50, 0.02, 3)
+    assert clear_gain((0.56, 0.03, 3), start)
+    assert not clear_gain((0.52, 0.03, 3), start)  # +0.02 is within the pretrained spread
+    assert not clear_gain((0.53, 0.01, 3), (0.50, 0.04, 3))  # ... or within the starting point's
+    assert not clear_gain((0.90, 0.0, 1), start)  # one seed: no spread to judge by
+    assert not clear_gain((0.40, 0.01, 3), start)
+
+
+@pytest.mark.slow
+def test_readout_verdict_names_the_networks_not_clearly_above_their_starting_point(experiment_dir):
+    report = Report(experiment_dir)
+    template = next(r for r in report.readouts if r["arch"] == "cnn")
+    report.cfg.methods, report.cfg.archs, report.cfg.label_fractions = ["cass", "dino", "supervised"], ["cnn"], [1.0]
+    scores = {STARTING_POINT: (0.50, 0.52, 0.48), "cass": (0.70, 0.72, 0.68), "dino": (0.51, 0.55, 0.47)}
+    report.readouts = [{**template, "method": method, "label_fraction": 1.0, "seed": seed, "test_macro_f1": f1}
+                       for method, values in scores.items() for seed, f1 in enumerate(values)]
+    verdict = readout_verdict(report, template["mode"])
+    assert "DINO CNN" in verdict and "CASS CNN" not in verdict and verdict.startswith("**Not clearly above")
+    report.readouts = [r for r in report.readouts if r["method"] != "dino"]
+    assert readout_verdict(report, template["mode"]).startswith("Every pretrained network is clearly above")
 
 
 @pytest.mark.slow

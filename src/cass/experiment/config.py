@@ -144,14 +144,17 @@ _PER_CELL = {
 }
 
 
+def run_network(method: str, arch: str) -> str | None:
+    """The network a pretraining run serving an ``arch`` cell trains: None for a method that trains both
+    networks in one run (CASS), whose run then serves the cells of both architectures."""
+    return None if method_class(method).trains_both_networks else arch
+
+
 def run_labels(cfg: ExperimentConfig) -> list[str]:
-    """The labels of the grid's pretraining runs: the method for one that trains both networks, else
-    ``method-arch``."""
-    labels = []
-    for method in (m for m in cfg.methods if is_self_supervised(m)):
-        both = method_class(method).trains_both_networks
-        labels += [method] if both else [f"{method}-{arch}" for arch in cfg.archs]
-    return labels
+    """The labels of the grid's pretraining runs, in grid order."""
+    labels = [method_class(method).run_name(arch)
+              for method in cfg.methods if is_self_supervised(method) for arch in cfg.archs]
+    return list(dict.fromkeys(labels))
 
 
 _FIXED_BY_GRID = ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data", "batch_size",

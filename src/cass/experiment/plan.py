@@ -31,6 +31,7 @@ from cass.experiment.config import (
     ExperimentConfig,
     InitSpec,
     is_self_supervised,
+    run_network,
 )
 from cass.methods.registry import method_class
 
@@ -49,7 +50,7 @@ class PretrainRun:
 
     @property
     def label(self) -> str:
-        return self.method if self.arch is None else f"{self.method}-{self.arch}"
+        return method_class(self.method).run_name(self.arch)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -131,8 +132,7 @@ def pretrain_run(cfg: ExperimentConfig, cell: Cell) -> PretrainRun | None:
     if not is_self_supervised(cell.method):
         return None
     seed = cell.seed if cfg.pretrain_per_seed else cfg.seeds[0]
-    arch = None if method_class(cell.method).trains_both_networks else cell.arch
-    return PretrainRun(cell.method, arch, cell.init, cell.batch_size, cell.epochs, seed)
+    return PretrainRun(cell.method, run_network(cell.method, cell.arch), cell.init, cell.batch_size, cell.epochs, seed)
 
 
 def _init_spec(cfg: ExperimentConfig, name: str) -> InitSpec:

@@ -77,6 +77,12 @@ class PretrainMethod(nn.Module):
         return ("cnn", "vit") if cls.trains_both_networks else (arch,)
 
     @classmethod
+    def run_name(cls, arch: str | None) -> str:
+        """The key of one run in files and options (``pretrain_overrides``, bench rows): ``cass``, or
+        ``dino-cnn`` for a single-network method, whose CNN and ViT runs differ."""
+        return cls.name if cls.trains_both_networks or arch is None else f"{cls.name}-{arch}"
+
+    @classmethod
     def label(cls, arch: str | None) -> str:
         """The name of one run in tables: ``CASS``, or ``DINO-CNN`` for a single-network method."""
         if cls.trains_both_networks or arch is None:

@@ -395,7 +395,10 @@ class DINO(PretrainMethod):
         if int(row["epoch"]) > warm and gap < NOT_LEARNING_MARGIN:
             warnings.append(
                 f"DINO is not learning: loss {float(row['loss']):.3f} is within {gap:.3f} of ln K = {chance:.3f} "
-                f"(K = {cfg.dino.out_dim} prototypes; the loss of a uniform teacher) after warm-up")
+                f"(K = {cfg.dino.out_dim} prototypes; the loss of a uniform teacher) after warm-up; a sharper "
+                f"teacher (--dino-teacher-temp and --dino-warmup-teacher-temp {cfg.dino.teacher_temp / 2:g}) "
+                "and --dino-use-bn-in-head keep it off the uniform state on short runs (BENCHMARKS.md, "
+                "'DINO at CPU scale')")
         return warnings
 
     def configure_optimizers(self, total_steps: int) -> tuple[list[Optimizer], list[LRScheduler]]:

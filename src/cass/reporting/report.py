@@ -83,8 +83,9 @@ class Report:
         devices = sorted({f"{s['device']} ({s['cpu_count']} CPU cores)" for s in self.sessions})
         where = (devices[0] if len(devices) == 1 else
                  f"several machines ({'; '.join(devices)}): times from different machines are not comparable")
-        return (f"{where}; {last['platform']}, torch {last['torch']}, cass {last['cass']}; "
-                f"{len(self.sessions)} session(s) from {first['date']} to {last['date']}")
+        started = (f"one session, started {first['date']}" if len(self.sessions) == 1 else
+                   f"{len(self.sessions)} sessions, the first started {first['date']}, the last {last['date']}")
+        return f"{where}; {last['platform']}, torch {last['torch']}, cass {last['cass']}; {started}"
 
     def cell_dir(self, row: Row) -> Path:
         """A cell's model directory, found inside this experiment directory even if it was moved."""
@@ -476,28 +477,68 @@ def _section_overview(report: Report) -> str:
 READOUT_NAMES = {"knn": "cosine k-NN (k = {k}) on frozen features", "linear": "linear probe on frozen features"}
 
 
+Stats = tuple[float, float, int]
+"""Mean, sample std and count over seeds (:func:`_mean_std`)."""
+
+
+def _readout_stats(report: Report, mode: str, metric: str) -> dict[tuple[str, str, str, float], Stats]:
+    """Mean, std and count over seeds of every readout group, keyed by (method, arch, init, fraction);
+    the starting point is the method ``STARTING_POINT``."""
+    groups = _groups(report.readouts, "mode", "method", "arch", "init", "label_fraction")
+    return {key[1:]: _mean_std(r[f"test_{metric}"] for r in rows) for key, rows in groups.items() if key[0] == mode}
+
+
+NOT_RUN: Stats = (float("nan"), float("nan"), 0)
+
+
 def readout_table(report: Report, mode: str, metric: str = "macro_f1") -> str:
     """Each pretrained network against the same network at its starting point: mean ± std over seeds, and
     the difference of the means (positive: pretraining added something this readout can see)."""
     fractions = report.cfg.label_fractions
-    cells = _groups(report.readouts, "mode", "method", "arch", "init", "label_fraction")
+    stats = _readout_stats(report, mode, metric)
     lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
              "|---|---|---|" + "---|" * len(fractions)]
-    methods = [m for m in report.cfg.methods if is_self_supervised(m)]
     for arch in report.cfg.archs:
         for init in (i.name for i in report.cfg.inits):
-            start = [_mean_std(r[f"test_{metric}"] for r in cells.get((mode, STARTING_POINT, arch, init, f), []))
-                     for f in fractions]
+            start = [stats.get((STARTING_POINT, arch, init, f), NOT_RUN) for f in fractions]
             lines.append(f"| {method_name(STARTING_POINT)} | {report.network(arch)} | {init} | "
-                         + " | ".join(_format(stats) for stats in start) + " |")
-            for method in methods:
+                         + " | ".join(_format(s) for s in start) + " |")
+            for method in (m for m in report.cfg.methods if is_self_supervised(m)):
                 values = []
                 for fraction, base in zip(fractions, start, strict=True):
-                    stats = _mean_std(r[f"test_{metric}"] for r in cells.get((mode, method, arch, init, fraction), []))
-                    delta = "" if np.isnan(stats[0]) or np.isnan(base[0]) else f" ({stats[0] - base[0]:+.3f})"
-                    values.append(_format(stats) + delta)
+                    pretrained = stats.get((method, arch, init, fraction), NOT_RUN)
+                    missing = np.isnan(pretrained[0]) or np.isnan(base[0])
+                    delta = "" if missing else f" ({pretrained[0] - base[0]:+.3f})"
+                    values.append(_format(pretrained) + delta)
                 lines.append(f"| {method_name(method)} | {report.network(arch)} | {init} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def clear_gain(pretrained: Stats, start: Stats) -> bool:
+    """Whether a readout is clearly above its starting point: at least two seeds each, and the difference
+    of the means larger than either spread over seeds (one seed cannot tell a gain from subset noise)."""
+    (mean, std, n), (base_mean, base_std, base_n) = pretrained, start
+    return min(n, base_n) >= 2 and mean - base_mean > max(std, base_std)
+
+
+def readout_verdict(report: Report, mode: str, metric: str = "macro_f1") -> str:
+    """The networks whose readout is not clearly above their starting point, by name and label fraction:
+    the table's verdict said in words, so that a reader does not take a within-noise difference for a gain."""
+    stats = _readout_stats(report, mode, metric)
+    unclear = []
+    for method in (m for m in report.cfg.methods if is_self_supervised(m)):
+        for arch in report.cfg.archs:
+            for init in (i.name for i in report.cfg.inits):
+                fractions = [f for f in report.cfg.label_fractions if (method, arch, init, f) in stats
+                             and not clear_gain(stats[(method, arch, init, f)],
+                                                stats.get((STARTING_POINT, arch, init, f), NOT_RUN))]
+                if fractions:
+                    unclear.append(f"{method_name(method)} {report.network(arch)} from {init} at "
+                                   + ", ".join(_fraction(f) for f in fractions))
+    if not unclear:
+        return "Every pretrained network is clearly above its starting point (by more than either spread over seeds)."
+    return ("**Not clearly above the starting point** (difference of the means not larger than the spread over "
+            "seeds, or fewer than two seeds): " + "; ".join(unclear) + ".")
 
 
 def _section_readouts(report: Report) -> str:
@@ -511,7 +552,7 @@ def _section_readouts(report: Report) -> str:
             "difference is not clearly positive did not learn features this readout can use."]
     for mode in report.cfg.readouts:
         name = READOUT_NAMES[mode].format(k=report.cfg.finetune.knn_k)
-        text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode)]
+        text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode), readout_verdict(report, mode)]
     return "\n\n".join(text)
 
 

@@ -124,7 +124,7 @@ def _row(cfg: PretrainConfig, mode: str, steps: int, warmup: int, label: str = "
         _synchronize(device)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return BenchRow(
-        method=cfg.method if type(method).trains_both_networks else f"{cfg.method}-{cfg.arch}",
+        method=type(method).run_name(cfg.arch),
         mode=mode,
         batch_size=cfg.batch_size,
         img_per_s=steps * cfg.batch_size / elapsed,
