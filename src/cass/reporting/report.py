@@ -109,7 +109,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+Stats = tuple[float, float, int]
+"""Mean, sample std and count over seeds (:func:`_mean_std`)."""
+
+
+def _mean_std(values: Iterable[float]) -> Stats:
     """Mean and sample std (ddof 1; 0 for one value) of the finite values, and how many there were."""
     array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if not array.size:
@@ -117,7 +121,7 @@ def _mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0, int(array.size)
 
 
-def _format(stats: tuple[float, float, int], digits: int = 3) -> str:
+def _format(stats: Stats, digits: int = 3) -> str:
     """``mean ± std (n=k)``; a single value has no spread to show, so only ``mean (n=1)``."""
     mean, std, n = stats
     if n == 0:
@@ -475,10 +479,6 @@ def _section_overview(report: Report) -> str:
 
 
 READOUT_NAMES = {"knn": "cosine k-NN (k = {k}) on frozen features", "linear": "linear probe on frozen features"}
-
-
-Stats = tuple[float, float, int]
-"""Mean, sample std and count over seeds (:func:`_mean_std`)."""
 
 
 def _readout_stats(report: Report, mode: str, metric: str) -> dict[tuple[str, str, str, float], Stats]:
