@@ -6,8 +6,9 @@ carving the test split, as in the committed comparisons; crops cut from a 128 px
 setting pretrains a DINO student, resnet18 (or vit_tiny_patch16_224 where it says ViT), with 64 px
 global crops, 2 local crops, batch 32, 3 epochs = 186 steps, 1-epoch warm-ups and ``out_dim`` 1024, and
 records the per-epoch loss against ln K, the teacher's entropy and the teacher-student KL, then reads the
-teacher backbone with a cosine k-NN (k = 20, 25 % of the 2,000 images' labels, scored on the test split)
-against the same network at random init. Writes ``OUT/search.json`` and ``OUT/curves.png`` and prints a
+teacher backbone with a cosine k-NN (k = 20, 25 % of the 2,000 images' labels, scored on the selection
+split, val: a search never sees the test split) against the same network at random init. (The results
+committed before 2026-12-06 were scored on the comparisons' test split; BENCHMARKS.md says so.) Writes ``OUT/search.json`` and ``OUT/curves.png`` and prints a
 table; rerunning skips the settings already in it.
 
     .venv/bin/python benchmarks/dino_small_budget_search.py OUT [--data blood] [--only NAME ...]
@@ -89,7 +90,7 @@ def main() -> None:
         model = finetune(FinetuneConfig(data=data, source=source, arch=arch, cnn="resnet18",
                                         vit="vit_tiny_patch16_224", mode="knn", label_fraction=0.25, img_size=64,
                                         knn_k=20, out=str(where), accelerator="cpu"))
-        return json.loads((model / "metrics.json").read_text())["macro_f1"]  # the test split's
+        return json.loads((model / "metrics.json").read_text())["selection"]["macro_f1"]  # never the test split
 
     if "random init" not in results:
         results["random init"] = {"knn_macro_f1": knn("scratch", out / "knn_scratch")}

@@ -34,5 +34,5 @@ import json, sys
 from pathlib import Path
 for d in sorted(Path(sys.argv[1]).iterdir()):
     m = json.loads((d / "metrics.json").read_text())
-    print(f"{d.name:28s} test macro-F1 {m['macro_f1']:.3f}")
+    print(f"{d.name:28s} selection (val) macro-F1 {m['selection']['macro_f1']:.3f}")  # a search: never test
 PY

@@ -19,13 +19,13 @@ from cass.config import ConfigError, DataConfig
 from cass.data import BadImageError, open_images
 from cass.data import cache as cache_module
 from cass.data.cache import (
-    CacheStore,
     cache_fits,
     cache_key,
     cache_resize,
     open_cache,
     readable_images,
 )
+from cass.data.dataset import CacheStore
 from cass.data.transforms import cass_augmentation, eval_transform
 
 SIZE = 32

@@ -113,7 +113,7 @@ def test_keeps_outputs_varied_where_faithful_cass_collapses_on_real_images(share
                                       accelerator="cpu"))
         last = read_csv(run / METRICS)[-1]
         final_std[method] = min(float(last["cnn_output_std"]), float(last["vit_output_std"]))
-    threshold = PretrainConfig().collapse_threshold
+    threshold = 0.1  # output std: 1 = isotropic, 0 = every image gives the same output
     assert final_std["cass"] < threshold, final_std
     assert final_std["cass-vicreg"] > 3 * threshold, final_std
 

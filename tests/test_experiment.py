@@ -67,7 +67,7 @@ def test_committed_configs_cover_the_issue():
     assert {p.name for p in CONFIGS} >= {"smoke.yaml", "brain_mri_cpu.yaml", "blood_pbc_cpu.yaml", "brain_mri_gpu.yaml"}
     smoke = load_yaml(ExperimentConfig, SMOKE)
     assert smoke.methods == ["cass", "cass-vicreg", "dino", "supervised"] and smoke.archs == ["cnn", "vit"]
-    assert smoke.readouts == ["knn", "linear"]
+    assert smoke.readouts == ["knn", "logistic"]
     assert smoke.label_fractions == [0.1, 1.0] and len(smoke.seeds) == 2
     assert smoke.pretrain.epochs == 1 and smoke.pretrain.img_size == 32
 
@@ -77,7 +77,7 @@ def test_demo_config_is_a_valid_round_tripping_grid():
     validate(cfg)
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
     assert cfg.seeds == [0] and cfg.label_fractions == [0.01, 0.1, 1.0]
-    assert set(cfg.methods) == {"cass", "cass-vicreg", "dino", "supervised"} and cfg.readouts == ["knn"]
+    assert set(cfg.methods) == {"cass", "cass-vicreg", "dino", "supervised"} and cfg.readouts == ["knn", "logistic"]
 
 
 def test_each_pretraining_run_serves_every_cell_that_needs_it():
@@ -112,7 +112,7 @@ def test_readouts_cover_every_pretrained_network_and_its_starting_point():
     cfg = ExperimentConfig(label_fractions=[0.1, 1.0], seeds=[0, 1], pretrain=PretrainConfig(batch_size=16, epochs=5))
     readouts = [c for c in plan(cfg) if c.mode != "full"]
     pretrained = [m for m in cfg.methods if m != "supervised"]
-    # (every pretrained method + the starting point) x 2 archs x 2 fractions x 2 seeds x (knn, linear)
+    # (every pretrained method + the starting point) x 2 archs x 2 fractions x 2 seeds x (knn, logistic)
     assert len(readouts) == (len(pretrained) + 1) * 2 * 2 * 2 * 2
     for cell in readouts:
         run = pretrain_run(cfg, cell)

@@ -51,8 +51,8 @@ def test_probes_run_on_a_pretrained_checkpoint(brain_folder, pretrained_run, tmp
     model_dir = finetune(ft_cfg(brain_folder, tmp_path / "m", source=str(pretrained_run), arch=arch, mode=mode))
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert 0 <= metrics["macro_f1"] <= 1 and len(metrics["confusion_matrix"]) == 4
-    held_out = (model_dir / "held_out.csv").read_text().splitlines()[1:]
-    test_images = [line.split(",", 1)[1] for line in held_out if line.startswith("test,")]
+    held_out = csv.DictReader(open(model_dir / "held_out.csv"))
+    test_images = [row["file"] for row in held_out if row["split"] == "test"]
     assert metrics["split"] == "test" and sum(map(sum, metrics["confusion_matrix"])) == len(test_images) == 8
     assert metrics["selection"]["num_samples"] == 16  # the val/ folder chose; the carved test split reports
     result = evaluate(model_dir, brain_folder, tmp_path / "eval", split="val")
@@ -134,8 +134,8 @@ def test_cli_evaluate_predict_embed_on_unseen_folder_and_class_mismatch(brain_fo
 
 def test_data_without_val_or_test_gets_both_carved_from_train(brain_folder, tmp_path):
     model_dir = finetune(ft_cfg(brain_folder / "train", tmp_path / "m", epochs=1))
-    held_out = [line.split(",", 1) for line in (model_dir / "held_out.csv").read_text().splitlines()[1:]]
-    carved = {split: {f for s, f in held_out if s == split} for split in ("val", "test")}
+    held_out = list(csv.DictReader(open(model_dir / "held_out.csv")))
+    carved = {split: {row["file"] for row in held_out if row["split"] == split} for split in ("val", "test")}
     trained = {row["file"] for row in csv.DictReader(open(model_dir / "subset.csv"))}
     assert len(carved["test"]) >= 4 and len(carved["val"]) >= 4  # at least one image of each of 4 classes
     assert not carved["test"] & carved["val"] and not (carved["test"] | carved["val"]) & trained

@@ -239,15 +239,15 @@ def knn3_model(brain_folder, tmp_path_factory) -> Path:
 
 def test_knn_model_predicts_with_the_k_it_was_made_with(brain_folder, knn3_model, tmp_path):
     classifier = load_classifier(knn3_model, "cpu")
-    assert classifier.knn_k == 3
+    assert classifier.readout.k == 3
     images = open_images(brain_folder, split="val")
     scores = classifier.logits(images)
-    bank = classifier.knn_bank
+    bank = classifier.readout
     features = extract_features(classifier.net, images, classifier.img_size, 64, classifier.device)
 
     def sklearn_scores(k: int) -> np.ndarray:
         knn = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
-        knn.fit(bank["features"].numpy(), bank["targets"].numpy())
+        knn.fit(bank.features, bank.targets)
         proba = np.zeros((len(features), len(classifier.classes)))
         proba[:, knn.classes_] = knn.predict_proba(features)
         return np.log(np.clip(proba, 1e-8, 1.0))

@@ -10,7 +10,8 @@ import torch
 from scipy.special import expit, softmax
 from sklearn import metrics as skm
 
-from cass.evaluation.metrics import ClassificationMetrics, compute_metrics
+from cass.evaluation.metrics import ClassificationMetrics, compute_metrics, recording_predictions
+from cass.evaluation.predictions import load_predictions, save_predictions
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
@@ -152,3 +153,43 @@ def test_shape_mismatches_name_the_classes():
         metrics.update(torch.randn(4, 4), torch.zeros(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="only 0 and 1"):
         ClassificationMetrics(CLASSES, multilabel=True).update(torch.randn(2, 4), torch.full((2, 4), 2))
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_recorded_predictions_are_what_the_metrics_scored_and_survive_their_file(multilabel, tmp_path):
+    logits, targets = (multilabel_batch if multilabel else multiclass_batch)(9, n=50)
+    metrics = ClassificationMetrics(CLASSES, multilabel)
+    metrics.update(logits[:10], targets[:10])
+    metrics.compute()  # outside a recording: nothing is kept
+    with recording_predictions() as recorder:
+        for start in range(0, 50, 16):
+            metrics.update(logits[start : start + 16], targets[start : start + 16])
+        scores = metrics.compute()
+    kept = recorder.only()
+    expected = expit(logits.numpy()) if multilabel else softmax(logits.numpy(), axis=1)
+    np.testing.assert_allclose(kept.probabilities, expected, rtol=1e-5)
+    np.testing.assert_array_equal(kept.targets, targets.numpy())
+    decisions = (expected > 0.5).astype(int) if multilabel else expected.argmax(1)
+    np.testing.assert_array_equal(kept.predicted, decisions)
+    assert skm.f1_score(targets.numpy(), kept.predicted, average="macro") == approx(scores["macro_f1"])
+
+    keys = [f"img{i}.png" for i in range(50)]
+    save_predictions(tmp_path / "test_predictions.csv", keys, kept)
+    read_keys, read = load_predictions(tmp_path / "test_predictions.csv")
+    assert read_keys == keys and read.classes == CLASSES and read.multilabel == multilabel
+    np.testing.assert_array_equal(read.targets, kept.targets)
+    np.testing.assert_array_equal(read.predicted, kept.predicted)
+    np.testing.assert_allclose(read.probabilities, kept.probabilities, rtol=1e-7)
+    with pytest.raises(ValueError, match="49 image keys for 50"):
+        save_predictions(tmp_path / "short.csv", keys[1:], kept)
+
+
+def test_a_recording_holds_one_scoring_or_says_so():
+    metrics = ClassificationMetrics(CLASSES)
+    with recording_predictions() as recorder:
+        for seed in (10, 11):
+            metrics.update(*multiclass_batch(seed, n=8))
+            metrics.compute()
+    assert len(recorder.seen) == 2 and [len(p) for p in recorder.seen] == [8, 8]
+    with pytest.raises(RuntimeError, match="one scoring, got 2"):
+        recorder.only()

@@ -130,7 +130,7 @@ def subsets_and_views_digest(npz: str) -> str:
     """A digest of the label-fraction subsets and of augmented views (two epochs) of seed 5."""
     from cass.data import ImageDataset, open_images
     from cass.data.transforms import cass_augmentation
-    from cass.evaluation.subsets import label_fraction_indices
+    from cass.data.subsets import label_fraction_indices
 
     images = open_images(npz)
     digest = hashlib.sha256()

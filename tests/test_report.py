@@ -18,16 +18,35 @@ import pytest
 import torch
 from conftest import TINY_CNN, TINY_VIT
 from PIL import Image
+from sklearn import metrics as skm
 from test_experiment import SMOKE, tiny_split
 from typer.testing import CliRunner
 
 from cass.cli.main import app
 from cass.config import load_yaml, merge
+from cass.evaluation.predictions import load_predictions
+from cass.experiment.comparisons import (
+    AGAINST_METHOD,
+    AGAINST_SUPERVISED,
+    COMPARISONS_CSV,
+    COMPARISONS_JSON,
+    PRETRAINING_ADDED,
+    KeptPredictions,
+)
 from cass.experiment.config import STARTING_POINT, ExperimentConfig
 from cass.experiment.run import run_experiment
 from cass.models.factory import create_network
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
-from cass.reporting.report import Report, _section_robustness, clear_gain, readout_verdict, results_table
+from cass.reporting.report import (
+    Report,
+    _groups,
+    _section_robustness,
+    method_name,
+    pretraining_added_verdict,
+    readout_table,
+    results_table,
+)
+from cass.utils.rundir import MODEL, PREDICTIONS, read_csv
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -72,19 +91,29 @@ def test_html_report_renders_in_chromium_with_every_figure(experiment_dir, tmp_p
     assert str(html_path) in result.output
     md = md_path.read_text()
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
-    expected = {"label_fraction_curves", "pretraining_loss", "collapse", "pretraining_time", "attention", "gradcam",
-                "robustness_pretrain_batch_size_1", "robustness_pretrain_epochs_1",
+    expected = {"comparisons", "label_fraction_curves", "pretraining_loss", "collapse", "pretraining_time", "attention",
+                "gradcam", "robustness_pretrain_batch_size_1", "robustness_pretrain_epochs_1",
                 *(f"confusion_{m}_{a}" for m in ("cass", "cass-vicreg", "dino", "supervised") for a in ("cnn", "vit"))}
     assert {Path(f).stem for f in figures} == expected
     assert "not run" not in md
     headings = [line for line in md.splitlines() if line.startswith("## ")]
-    assert headings[0] == "## What pretraining added"  # the report opens with the readouts
+    assert headings[:2] == ["## Stated comparisons", "## What pretraining added"]  # opens with the verdicts
+    stated = md.split("## Stated comparisons")[1].split("\n## ")[0]
+    assert "![paired differences with their 95 % intervals](figures/comparisons.png)" in stated
+    primary = [r for r in json.loads((experiment_dir / COMPARISONS_JSON).read_text()) if r["metric"] == "macro_f1"]
+    verdicts = [line for line in stated.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == len(primary) > 0
+    for line, row in zip(verdicts, primary, strict=True):
+        assert line.startswith(f"- {method_name(row['a'])} − ")
+        assert f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] {row['verdict']}" in line
+    results = md.split("## Results")[1].split("\n## ")[0]
+    assert "95 % interval: a bootstrap over test images" in results and "±" not in results
     for heading in ("## Reading guide", "## Results", "## Pretraining time", "## Reproduce"):
         assert heading in headings
     readouts = md.split("## What pretraining added")[1].split("\n## ")[0]
     for method in ("Starting point (no pretraining)", "CASS", "CASS-VICReg", "DINO"):
         assert f"| {method} | CNN (resnet18) | scratch |" in readouts
-    assert "k-NN" in readouts and "Linear probe" in readouts
+    assert "k-NN" in readouts and "L2 logistic regression" in readouts
     assert f"cass experiment --config {experiment_dir / 'experiment.yaml'}" in md
 
     html = html_path.read_text()
@@ -123,8 +152,20 @@ def test_report_without_sweeps_says_not_run_and_a_wrong_directory_is_named(exper
 
 
 @pytest.mark.slow
-def test_results_table_is_mean_and_sample_std_over_seeds(experiment_dir):
+def test_results_table_is_the_mean_over_seeds_with_its_interval(experiment_dir):
     report = Report(experiment_dir)
+    lines = results_table(report).splitlines()
+    for (method, arch), rows in _groups(report.main, "method", "arch").items():
+        line = next(line for line in lines if line.startswith(f"| {method_name(method)} | {report.network(arch)} |"))
+        estimate, low, high = map(float, re.search(r"\| (\S+) \[(\S+), (\S+)\] \(n=1\) \|$", line).groups())
+        assert estimate == pytest.approx(statistics.mean(r["test_macro_f1"] for r in rows), abs=6e-4)  # torchmetrics
+        assert 0 <= low < high <= 1, line
+
+
+@pytest.mark.slow
+def test_cells_without_kept_predictions_fall_back_to_mean_and_sample_std(experiment_dir, tmp_path):
+    report = Report(experiment_dir)
+    report.kept = KeptPredictions(tmp_path)  # cells finished before cass kept per-image predictions
     template = report.rows[0]
     scores = {0: 0.5, 1: 0.7, 2: 0.95}
     report.main = [{**template, "method": "cass", "arch": "cnn", "init": "scratch", "label_fraction": 1.0,
@@ -136,27 +177,68 @@ def test_results_table_is_mean_and_sample_std_over_seeds(experiment_dir):
     assert "not run" in next(line for line in table.splitlines() if line.startswith("| DINO | CNN"))
 
 
-def test_a_gain_is_clear_only_beyond_both_spreads_and_with_two_seeds():
-    start = (0.50, 0.02, 3)
-    assert clear_gain((0.56, 0.03, 3), start)
-    assert not clear_gain((0.52, 0.03, 3), start)  # +0.02 is within the pretrained spread
-    assert not clear_gain((0.53, 0.01, 3), (0.50, 0.04, 3))  # ... or within the starting point's
-    assert not clear_gain((0.90, 0.0, 1), start)  # one seed: no spread to judge by
-    assert not clear_gain((0.40, 0.01, 3), start)
+@pytest.mark.slow
+def test_pretraining_added_names_the_networks_whose_paired_interval_is_not_above_zero(experiment_dir):
+    report = Report(experiment_dir)
+    mode = report.cfg.readouts[0]
+    report.cfg.methods, report.cfg.archs, report.cfg.label_fractions = ["cass", "dino", "supervised"], ["cnn"], [1.0]
+    row = {"comparison": PRETRAINING_ADDED, "b": STARTING_POINT, "arch": "cnn", "init": "scratch", "mode": mode,
+           "label_fraction": 1.0, "metric": "macro_f1", "n_seeds": 3, "n_test_images": 50}
+    report.comparisons = [{**row, "a": "cass", "diff": 0.2, "low": 0.1, "high": 0.3, "verdict": "above"},
+                          {**row, "a": "dino", "diff": 0.04, "low": -0.02, "high": 0.1, "verdict": "unresolved"}]
+    verdict = pretraining_added_verdict(report, mode)
+    assert verdict.startswith("**Not above") and "DINO CNN (resnet18) from scratch at 100% (unresolved)" in verdict
+    assert "CASS CNN" not in verdict
+    assert "; Δ +0.200 [+0.100, +0.300] above" in readout_table(report, mode)
+    report.comparisons = report.comparisons[:1]
+    assert pretraining_added_verdict(report, mode).startswith("Every pretrained network is above")
 
 
 @pytest.mark.slow
-def test_readout_verdict_names_the_networks_not_clearly_above_their_starting_point(experiment_dir):
-    report = Report(experiment_dir)
-    template = next(r for r in report.readouts if r["arch"] == "cnn")
-    report.cfg.methods, report.cfg.archs, report.cfg.label_fractions = ["cass", "dino", "supervised"], ["cnn"], [1.0]
-    scores = {STARTING_POINT: (0.50, 0.52, 0.48), "cass": (0.70, 0.72, 0.68), "dino": (0.51, 0.55, 0.47)}
-    report.readouts = [{**template, "method": method, "label_fraction": 1.0, "seed": seed, "test_macro_f1": f1}
-                       for method, values in scores.items() for seed, f1 in enumerate(values)]
-    verdict = readout_verdict(report, template["mode"])
-    assert "DINO CNN" in verdict and "CASS CNN" not in verdict and verdict.startswith("**Not clearly above")
-    report.readouts = [r for r in report.readouts if r["method"] != "dino"]
-    assert readout_verdict(report, template["mode"]).startswith("Every pretrained network is clearly above")
+def test_every_cell_keeps_its_test_predictions_as_scored(experiment_dir):
+    """Readouts too (their weights are not kept): the file gives back the reported confusion matrix and macro-F1."""
+    rows = json.loads((experiment_dir / "results.json").read_text())
+    assert {r["mode"] for r in rows} > {"full"}
+    for row in rows:
+        cell = Path(row["finetune_dir"])
+        keys, kept = load_predictions(cell / PREDICTIONS)
+        assert len(keys) == len(set(keys)) == row["num_test_images"] == len(kept)
+        assert kept.classes == row["classes"] and np.allclose(kept.probabilities.sum(axis=1), 1, atol=1e-5)
+        confusion = skm.confusion_matrix(kept.targets, kept.predicted, labels=range(len(kept.classes)))
+        assert confusion.tolist() == row["confusion_matrix"]
+        macro_f1 = skm.f1_score(kept.targets, kept.predicted, average="macro")
+        assert macro_f1 == pytest.approx(row["test_macro_f1"], abs=1e-6)
+        assert (cell / MODEL).is_file() == (row["mode"] == "full" and row["method"] != STARTING_POINT)
+
+
+@pytest.mark.slow
+def test_the_experiment_states_every_comparison_from_its_kept_predictions(experiment_dir):
+    cfg = load_yaml(ExperimentConfig, experiment_dir / "experiment.yaml")
+    rows = read_csv(experiment_dir / COMPARISONS_CSV)
+    assert rows == [{k: "" if v is None else str(v) for k, v in r.items()}
+                    for r in json.loads((experiment_dir / COMPARISONS_JSON).read_text())]
+    pretrained = ["cass", "cass-vicreg", "dino"]
+    method_pairs = [(AGAINST_METHOD, "cass", "dino"), (AGAINST_METHOD, "cass-vicreg", "cass"),
+                    (AGAINST_METHOD, "cass-vicreg", "dino")]
+    per_mode = {mode: [(PRETRAINING_ADDED, m, STARTING_POINT) for m in pretrained] for mode in cfg.readouts}
+    per_mode["full"] = [(AGAINST_SUPERVISED, m, "supervised") for m in pretrained]
+    expected = {(kind, a, b, mode, arch, metric) for mode, baselines in per_mode.items()
+                for kind, a, b in [*baselines, *method_pairs]
+                for arch in ("cnn", "vit") for metric in ("macro_f1", "accuracy", "auroc")}
+    assert {(r["comparison"], r["a"], r["b"], r["mode"], r["arch"], r["metric"]) for r in rows} == expected
+    results = json.loads((experiment_dir / "results.json").read_text())
+    for row in rows:
+        for side in ("a", "b"):  # the bootstrap's point estimate from the CSV equals torchmetrics' score
+            scored = [r[f"test_{row['metric']}"] for r in results
+                      if (r["method"], r["arch"], r["mode"]) == (row[side], row["arch"], row["mode"])
+                      and r["pretrain_batch_size"] in (None, cfg.pretrain.batch_size)
+                      and r["pretrain_epochs"] in (None, cfg.pretrain.epochs)]
+            assert float(row[f"{side}_mean"]) == pytest.approx(statistics.mean(scored), abs=1e-5)
+        diff, low, high = (float(row[k]) for k in ("diff", "low", "high"))
+        assert diff == pytest.approx(float(row["a_mean"]) - float(row["b_mean"]))
+        assert row["verdict"] == ("above" if low > 0 else "below" if high < 0 else "unresolved")
+        assert row["n_seeds"] == "1" and row["covers"] == "test images only (one seed)"
+        assert int(row["n_test_images"]) == results[0]["num_test_images"]
 
 
 @pytest.mark.slow

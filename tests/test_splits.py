@@ -13,7 +13,7 @@ from conftest import TINY_CNN, TINY_VIT
 
 from cass.config import DataConfig, FinetuneConfig, PretrainConfig
 from cass.data.sources import DataError
-from cass.evaluation.splits import HELD_OUT, held_out_indices, three_roles
+from cass.data.splits import HELD_OUT, held_out_indices, three_roles
 from cass.training.finetune import finetune, labelled_batch_size, passes_per_evaluation
 from cass.training.pretrain import pretrain
 

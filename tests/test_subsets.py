@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cass.evaluation.subsets import label_fraction_indices, save_subset
+from cass.data.subsets import label_fraction_indices, save_subset
 
 FRACTIONS = (0.01, 0.1, 0.25, 1.0)
 

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Images above this many pixels are refused (decompression bombs) unless ``max_image_pixels`` says more."""
+DEFAULT_GROUP_COLUMN = "group"
+"""The column of a CSV that names each image's group, unless ``group_column`` says otherwise."""
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,8 @@ def opt(
     """
     metadata = {key: value for key, value in (("flag", flag), ("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
                 if value is not None}
+    if isinstance(default, list):  # a mutable default: every config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -87,6 +91,17 @@ class DataConfig:
     split_seed: int = opt(0, flag="--split-seed", ge=0)
     """Seed of the carved test and selection splits; one value for every run of an experiment, so that
     every method is scored on the same images whatever the run's own seed."""
+    groups: str | None = opt(None, flag="--groups")
+    """CSV naming each image's group (patient, study, near-duplicate cluster): a ``path`` column (or the one
+    column starting with ``path``, e.g. ``path_in_zip``) matching the end of an image's name
+    (``train/glioma/x.png`` in a zip, ``train_images[3]`` of an .npz) and the ``group_column``. Carved splits
+    take whole groups, so no patient is both trained and tested on. Without it, a CSV data file's group
+    column or a DICOM file's PatientID (else StudyInstanceUID) groups images; an image with none is its own."""
+    group_column: str = opt(DEFAULT_GROUP_COLUMN, flag="--group-column")
+    """Column of the group id, in a CSV data file and in the ``groups`` file (e.g. ``dup_group``)."""
+    allow_group_overlap: bool = opt(False, flag="--allow-group-overlap/--refuse-group-overlap")
+    """When the data's own train/val/test splits share a group (a leak: the scores overstate), warn loudly
+    and go on instead of stopping with an error naming the groups."""
 
 
 @dataclass
@@ -101,9 +116,10 @@ class CassConfig:
 
 @dataclass
 class CassVicregConfig:
-    """Options of ``cass-vicreg``: CASS's CNN-Transformer agreement plus VICReg's variance and covariance
-    terms on each network's projections, which make the constant output that faithful CASS falls into costly.
-    Not the paper's method; weights are VICReg's (Bardes et al. 2022)."""
+    """Options of ``cass-vicreg``: VICReg's loss (Bardes et al. 2022) with the CNN and the Transformer as its two
+    branches: MSE between their projections, plus variance and covariance terms on each network's projections,
+    which make the constant output that faithful CASS falls into costly. CASS's ``2 - 2 cos`` is not in it
+    unless ``cosine_weight`` > 0. Not the paper's method; weights are VICReg's."""
 
     proj_hidden_dim: int = opt(1024, ge=1)
     """Hidden width of each network's projector (Linear, BatchNorm, ReLU, Linear)."""
@@ -119,6 +135,9 @@ class CassVicregConfig:
     """Weight of the squared off-diagonal covariances of each network's projections."""
     variance_target: float = opt(1.0, gt=0)
     """The std each projection dimension is pushed to reach (VICReg's gamma)."""
+    cosine_weight: float = opt(0.0, ge=0)
+    """Weight of CASS's ``2 - 2 cos(p_cnn, p_vit)`` between the two projections, beside the MSE (0: off; with
+    ``invariance_weight`` 0 it replaces the MSE). For the ablation of what each term is worth."""
 
 
 @dataclass
@@ -199,6 +218,12 @@ class PretrainConfig:
     """Local ImageNet weights of the CNN (safetensors or state dict) for ``init`` ``imagenet``."""
     vit_weights: str | None = None
     """Local ImageNet weights of the Transformer."""
+    cnn_stem: str = opt("timm", flag="--cnn-stem")
+    """``timm`` (the CNN's own stem) or ``small``: a 3x3 stride-1 first convolution and no max-pool, for
+    28-64 px images (MedMNIST v2's "ResNet-18 (28)"); timm's ResNet family only."""
+    vit_patch_size: int | None = opt(None, flag="--vit-patch-size", ge=1)
+    """Patch size of the Transformer; None: its own (16 for ``*_patch16_*``). At 28-64 px a smaller patch
+    keeps at least 16 patches (e.g. 4 at 28 px, 8 at 32-64 px); embeddings of loaded weights are resampled."""
     img_size: int | None = opt(None, ge=1)
     """Input size in pixels; None: the size in the model's own config (384 for the paper's ViT)."""
     batch_size: int = opt(16, ge=1)
@@ -235,9 +260,15 @@ class PretrainConfig:
     on_nonfinite_loss: str = "stop"
     """``stop`` (keep the last good checkpoint and exit with a message) or ``skip`` (drop that step, count it)."""
     collapse_threshold: float = opt(0.1, ge=0)
-    """Warn when the output std (1 = healthy, 0 = collapsed) falls below this."""
+    """Warn that a backbone collapsed when the std of its features on fixed train images (1 = healthy, 0 =
+    collapsed) falls below this fraction of its value before training."""
     diagnostics_samples: int = opt(512, ge=1)
-    """Outputs per epoch and network from which the collapse diagnostics are computed."""
+    """Outputs per epoch and network from which the collapse diagnostics are computed, and the fixed train
+    images (chosen once by ``seed``) on which every backbone is measured each epoch and the online k-NN
+    finds its neighbours."""
+    knn_every: int = opt(1, ge=0)
+    """Epochs between two online k-NN scores of each backbone on the selection split (labelled data only;
+    the start and the last epoch are always scored); 0: never."""
     cass: CassConfig = field(default_factory=CassConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     cass_vicreg: CassVicregConfig = field(default_factory=CassVicregConfig)
@@ -259,10 +290,18 @@ class FinetuneConfig:
     """timm name of the Transformer when ``source`` is not a pretraining run."""
     weights: str | None = None
     """Local ImageNet weights when ``source`` is ``imagenet``."""
+    cnn_stem: str = opt("timm", flag="--cnn-stem")
+    """When ``source`` is not a pretraining run (a run brings its own): ``timm`` (the CNN's own stem) or ``small``: a 3x3 stride-1 first convolution and no max-pool, for
+    28-64 px images (MedMNIST v2's "ResNet-18 (28)"); timm's ResNet family only."""
+    vit_patch_size: int | None = opt(None, flag="--vit-patch-size", ge=1)
+    """When ``source`` is not a pretraining run: patch size of the Transformer; None: its own (16 for ``*_patch16_*``). At 28-64 px a smaller patch
+    keeps at least 16 patches (e.g. 4 at 28 px, 8 at 32-64 px); embeddings of loaded weights are resampled."""
     mode: str = "full"
-    """``full`` (end-to-end, the paper's protocol), ``linear`` (head on frozen features) or ``knn``."""
+    """``full`` (end-to-end, the paper's protocol), ``linear`` (a head trained on frozen features), or a
+    readout of frozen features with its setting chosen on the selection split: ``knn`` (cosine k-NN) or
+    ``logistic`` (L2 logistic regression)."""
     save_model: bool = True
-    """Keep ``model.safetensors`` (and the k-NN bank) for ``cass predict``; False keeps only the scores,
+    """Keep ``model.safetensors`` (and a readout's k-NN bank or logistic probe) for ``cass predict``; False keeps only the scores,
     history and subset (what an experiment's readouts need: their weights are the pretrained network's)."""
     label_fraction: float = opt(1.0, gt=0, le=1)
     """Fraction of the training labels used, e.g. 0.01, 0.1 or 1.0 (stratified, at least one per class)."""
@@ -275,6 +314,13 @@ class FinetuneConfig:
     """Peak learning rate (cosine schedule down to ``min_lr``)."""
     min_lr: float = opt(1e-6, ge=0)
     """Learning rate at the end of the cosine schedule."""
+    schedule: str = "cosine"
+    """``cosine`` (to ``min_lr``, the paper's) or ``step`` (x0.1 at 50 % and 75 % of the run: MedMNIST v2's)."""
+    select_metric: str = "macro_f1"
+    """Selection-split metric that picks the best evaluation and drives early stopping: ``macro_f1`` (the
+    paper's), ``auroc`` (MedMNIST v2 chooses its models on validation AUC) or ``accuracy``."""
+    augment: str = "paper"
+    """Training augmentation: ``paper`` (the CASS view of SPEC §1) or ``none`` (resize only; MedMNIST v2's)."""
     batch_size: int = opt(16, ge=1)
     """Batch size."""
     img_size: int | None = opt(None, ge=1)
@@ -288,8 +334,15 @@ class FinetuneConfig:
     min_steps: int = opt(200, ge=0)
     """Optimiser steps at least, whatever the label fraction: a small labelled subset gets more passes
     over its images between evaluations (``epochs`` stays the number of evaluations)."""
-    knn_k: int = opt(20, ge=1)
-    """Neighbours of the k-NN probe (``mode`` ``knn``)."""
+    knn_k: int | None = opt(None, ge=1)
+    """A fixed k for the k-NN readout (``mode`` ``knn``); None: k is chosen on the selection split from
+    ``knn_ks``. (Runs made before the grid existed used a fixed 20.)"""
+    knn_ks: list[int] = opt([1, 5, 10, 20, 50], ge=1)
+    """The k-NN readout's grid: the k with the best selection macro-F1 is kept (ties: the smallest); a k
+    above the number of labelled images becomes that number."""
+    logistic_cs: list[float] = opt([1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0], gt=0)
+    """The logistic readout's grid of C, the inverse L2 strength (``mode`` ``logistic``): the C with the best
+    selection macro-F1 is kept (ties: the smallest, the strongest regularisation)."""
     out: str = "runs/finetune"
     """Output model directory."""
     accelerator: str = "auto"

@@ -211,9 +211,10 @@ def demo(out: Annotated[str, Opt(help="Where the demo writes its runs (rerun to 
         run_dir = run_experiment(demo_config(out))
     _, html_path = write_report(run_dir)
     typer.echo("\nA demonstration, not a benchmark: one seed, short schedules, 240 training images.")
-    typer.echo("\nWhat pretraining added: k-NN readout on frozen features, test macro-F1 (difference from the "
-               "same network at its starting point)\n")
-    typer.echo(summary_table(run_dir, readout="knn"))
+    for readout, name in (("knn", "k-NN"), ("logistic", "logistic-regression")):
+        typer.echo(f"\nWhat pretraining added: {name} readout on frozen features, test macro-F1 (difference from "
+                   "the same network at its starting point)\n")
+        typer.echo(summary_table(run_dir, readout=readout))
     typer.echo("\nFine-tuned: test macro-F1\n")
     typer.echo(summary_table(run_dir))
     typer.echo(f"\nlearning diagnostics and everything else: {html_path}")

@@ -1,7 +1,8 @@
 """Command-line options generated from the config dataclasses, so the CLI, YAML and Python API cannot drift.
 
 Every scalar field of a config (``str``, ``int``, ``float``, ``bool``, ``X | None`` and fixed-length tuples of
-those), nested sections included, becomes an option:
+those) and every list of ``str``, ``int`` or ``float`` (a grid: the option is repeated, ``--knn-ks 1 --knn-ks 5``),
+nested sections included, becomes an option:
 
 * flag: the field's ``flag`` metadata, else ``--field-name`` at the top level and ``--section-field-name``
   in a nested section (:func:`cass.config.option_flag`); a boolean is ``--x/--no-x``;
@@ -86,12 +87,14 @@ def _show(value: Any) -> str:
 
 
 def _value_type(tp: Any) -> Any:
-    """The option type of a field type, or None when the field cannot be an option (lists, mappings)."""
+    """The option type of a field type, or None when the field cannot be an option (mappings, nested lists)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         return _value_type(rest[0]) if len(rest) == 1 else None
     if origin is tuple and args and Ellipsis not in args and all(a in SCALARS for a in args):
+        return tp
+    if origin is list and args[0] in (str, int, float):  # a repeated option
         return tp
     return tp if tp in SCALARS else None
 
@@ -124,6 +127,8 @@ def _options(cls: type, defaults: Any, exclude: set[str], section: str) -> list[
         bounds = {k: f.metadata[k] for k in ("ge", "gt", "le", "lt") if k in f.metadata}
         text = _plain_text(docs.get(f.name, ""))
         text += f"{' ' if text else ''}Default: {_show(default)}."
+        if typing.get_origin(tp) is list:
+            text += f" Repeat {flags} for several values."
         if bounds:
             text += f" Allowed: {describe_range(bounds)}."
         panel = f"{section.replace('.', ' ').replace('_', '-')} options" if section else None

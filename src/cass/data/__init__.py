@@ -1,5 +1,6 @@
 """Reading users' images: formats and layouts (:mod:`.sources`), decoding (:mod:`.images`),
-the indexed image set and its torch view (:mod:`.dataset`), and augmentations (:mod:`.transforms`)."""
+the indexed image set and its torch view (:mod:`.dataset`), augmentations (:mod:`.transforms`), and the
+roles of its splits: groups (:mod:`.groups`), carved splits (:mod:`.splits`), label fractions (:mod:`.subsets`)."""
 
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image

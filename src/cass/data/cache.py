@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from cass.config import ConfigError, DataConfig
-from cass.data.dataset import ArrayStore, FileStore, ImageSet, ZipStore
+from cass.data.dataset import ArrayStore, CacheStore, FileStore, ImageSet, ZipStore
 from cass.data.images import BadImageError
 from cass.data.loaders import resolve_workers
 from cass.utils.atomic import atomic_write_text
@@ -66,33 +66,6 @@ def default_cache_dir() -> Path:
 def cache_resize(size: int) -> v2.Resize:
     """The resize every cache applies: the first step of :func:`cass.data.transforms.cass_augmentation`."""
     return v2.Resize((size, size), antialias=True)
-
-
-class CacheStore:
-    """Rows of a cache file, as (3, S, S) uint8 tensors; a reference is the row number.
-
-    Pickled as its path and reopened in each process, so DataLoader workers started by ``spawn``
-    map the file themselves instead of receiving a copy of it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._array: np.ndarray | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
-        return self._array
-
-    def key(self, ref: int) -> str:
-        return f"{self.path}[{ref}]"
-
-    def load(self, ref: int, name: str) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.array[ref])).permute(2, 0, 1)
 
 
 @dataclass

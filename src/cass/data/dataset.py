@@ -124,6 +124,34 @@ class ArrayStore:
         return array_to_rgb(self.array[ref], name)
 
 
+class CacheStore:
+    """Rows of a decoded-image cache file (:mod:`cass.data.cache`), as (3, S, S) uint8 tensors; a reference
+    is the row number.
+
+    Pickled as its path and reopened in each process, so DataLoader workers started by ``spawn``
+    map the file themselves instead of receiving a copy of it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._array: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def key(self, ref: int) -> str:
+        return f"{self.path}[{ref}]"
+
+    def load(self, ref: int, name: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[ref])).permute(2, 0, 1)
+
+
 @dataclass
 class ImageSet:
     """Images of one split with their labels, read on demand.
@@ -141,6 +169,9 @@ class ImageSet:
     refs: list[Any] = field(repr=False)
     skipped: int = 0
     """How many unreadable images :meth:`check` left out."""
+    groups: list[str | None] | None = field(default=None, repr=False)
+    """Each image's group (patient, study, near-duplicate cluster), None for an image without one; None
+    when no image has one. Every image of a group goes to the same split (:mod:`cass.data.splits`)."""
 
     @classmethod
     def from_refs(
@@ -151,8 +182,10 @@ class ImageSet:
         targets: np.ndarray | None = None,
         classes: Sequence[str] = (),
         multilabel: bool = False,
+        groups: list[str | None] | None = None,
     ) -> ImageSet:
-        return cls(source, [store.key(r) for r in refs], targets, list(classes), multilabel, store, list(refs))
+        keys = [store.key(r) for r in refs]
+        return cls(source, keys, targets, list(classes), multilabel, store, list(refs), groups=groups)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -167,7 +200,18 @@ class ImageSet:
             keys=[self.keys[i] for i in idx],
             refs=[self.refs[i] for i in idx],
             targets=None if self.targets is None else self.targets[idx],
+            groups=None if self.groups is None else [self.groups[i] for i in idx],
         )
+
+    def group_codes(self) -> np.ndarray:
+        """An integer per image, shared by the images of one group; an image without a group has its own.
+
+        Codes count up in order of first appearance, so without groups they are ``0..N-1``.
+        """
+        codes: dict[tuple[bool, Any], int] = {}
+        groups = self.groups or [None] * len(self)
+        named = ((True, g) if g is not None else (False, i) for i, g in enumerate(groups))
+        return np.fromiter((codes.setdefault(name, len(codes)) for name in named), dtype=np.int64, count=len(self))
 
     def check(self, skip_bad: bool = False) -> ImageSet:
         """Decode every image once, so a bad file stops the run before training, not mid-epoch.

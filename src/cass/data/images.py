@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import posixpath
 import warnings
+from typing import IO
 
 import numpy as np
 import pydicom
@@ -33,6 +34,9 @@ IMAGE_SUFFIXES = frozenset(
 """File suffixes read as images when a folder or archive is scanned (other files are reported, not read)."""
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DICOM_GROUP_TAGS = ("PatientID", "StudyInstanceUID")
+"""Tags naming the group of a DICOM image, in order of preference: slices of one patient (or study) must
+never be split between training and testing."""
 
 
 class BadImageError(ValueError):
@@ -47,6 +51,21 @@ def max_file_bytes(max_pixels: int) -> int:
 def is_dicom(data: bytes, name: str) -> bool:
     """DICOM Part 10 files carry 'DICM' after a 128-byte preamble; bare datasets only have the suffix."""
     return data[128:132] == b"DICM" or posixpath.splitext(name)[1].lower() in DICOM_SUFFIXES
+
+
+def dicom_group(file: IO[bytes]) -> str | None:
+    """The patient a DICOM file shows (``PatientID``, else its ``StudyInstanceUID``), or None if it has neither.
+
+    Only the header is parsed (``stop_before_pixels``), so grouping a folder of scans costs a fraction of
+    decoding it. An unreadable header gives None too: the file is then its own group, and decoding it
+    later reports it by name (or skips it with ``skip_bad_images``).
+    """
+    try:
+        ds = pydicom.dcmread(file, force=True, stop_before_pixels=True, specific_tags=list(DICOM_GROUP_TAGS))
+        values = (str(ds.get(tag) or "").strip() for tag in DICOM_GROUP_TAGS)
+        return next((value for value in values if value), None)
+    except Exception:  # as for decoding: hostile bytes raise exceptions of any type
+        return None
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

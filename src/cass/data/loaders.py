@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from cass.data.dataset import ImageDataset, ImageSet
+from cass.data.dataset import CacheStore, ImageDataset, ImageSet
 
 DATA_PATHS_IN_USE = ("cache", "pil")
 MAX_AUTO_WORKERS = 4
@@ -38,8 +38,6 @@ def resolve_workers(num_workers: int | None, path_in_use: str) -> int:
 
 def path_in_use(images: ImageSet) -> str:
     """``cache`` when ``images`` are rows of a decoded-image cache, else ``pil`` (decoded per image)."""
-    from cass.data.cache import CacheStore  # cass.data.cache uses this module
-
     return "cache" if isinstance(images.store, CacheStore) else "pil"
 
 

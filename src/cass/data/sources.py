@@ -13,6 +13,9 @@ Layout rules (one set, shared by folders and zip archives):
 
 A CSV has a ``path`` column and either a ``label`` column (one class per image; other columns
 are ignored) or one 0/1 column per label (multi-label). Without other columns it is unlabelled.
+Its group column (``group`` unless ``group_column`` says otherwise) is never a label: it names each
+image's group (patient, study); an empty cell leaves the image its own group. DICOM files not grouped
+by a CSV are grouped by their PatientID (else StudyInstanceUID), read from their header.
 """
 
 from __future__ import annotations
@@ -30,11 +33,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+from cass.config import DEFAULT_GROUP_COLUMN
 from cass.data.dataset import ArrayStore, FileStore, ImageSet, ZipStore
-from cass.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, BadImageError, is_dicom
+from cass.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    BadImageError,
+    dicom_group,
+    is_dicom,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +82,36 @@ def sample_path() -> Path:
     return path
 
 
-def open_images(path: str | Path, split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
+def open_images(
+    path: str | Path, split: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    group_column: str = DEFAULT_GROUP_COLUMN,
+) -> ImageSet:
     """The images (and labels) at ``path``: a folder, CSV, zip or .npz, by the module's layout rules.
 
     ``split`` picks ``train``/``val``/``test`` from a root that has splits; such a root must be
     given a split (or read with :func:`load_splits`) so that its split folders are never taken
-    for classes.
+    for classes. ``group_column`` is the CSV column of the images' groups.
     """
-    return _open_source(path, max_pixels).images(split)
+    return _open_source(path, max_pixels, group_column).images(split)
 
 
 def load_splits(
-    data: str | Path | None = None, val_data: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: str | Path | None = None, val_data: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    group_column: str = DEFAULT_GROUP_COLUMN,
 ) -> Splits:
     """Train, validation and test images of a run.
 
     ``data`` with splits gives all of them; otherwise it is all ``train``. ``None`` is the shipped
     sample. ``val_data`` replaces the validation split (its ``val`` split if it has splits). The
     validation and test classes are re-indexed to the training classes; a class the training
-    images lack is refused.
+    images lack is refused. ``group_column`` is the CSV column of the images' groups.
     """
-    source = _open_source(sample_path() if data is None else data, max_pixels)
+    source = _open_source(sample_path() if data is None else data, max_pixels, group_column)
     found = source.splits()
     train = source.images("train" if found else None)
     val, test = (source.images(s) if s in found else None for s in ("val", "test"))
     if val_data is not None:
-        other = _open_source(val_data, max_pixels)
+        other = _open_source(val_data, max_pixels, group_column)
         val = other.images("val" if other.splits() else None)
     return Splits(train, _aligned(train, val), _aligned(train, test))
 
@@ -138,26 +154,26 @@ class _Source(ABC):
         return self._read(split)
 
 
-def _open_source(path: str | Path, max_pixels: int) -> _Source:
+def _open_source(path: str | Path, max_pixels: int, group_column: str = DEFAULT_GROUP_COLUMN) -> _Source:
     path = Path(path)
     if path.is_dir():
-        return _DiskTree(path, FileStore(max_pixels))
+        return _DiskTree(path, FileStore(max_pixels), group_column)
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".zip":
-            return _zip_source(path, "", max_pixels)
+            return _zip_source(path, "", max_pixels, group_column)
         if suffix == ".npz":
             return _Npz(path)
         if suffix == ".csv":
-            return _Csv(_DiskTree(path.parent, FileStore(max_pixels)), path.name)
+            return _Csv(_DiskTree(path.parent, FileStore(max_pixels), group_column), path.name)
         raise DataError(f"{path}: not a folder, .csv, .zip or .npz file")
     archive = next((p for p in path.parents if p.suffix.lower() == ".zip" and p.is_file()), None)
     if archive is None:
         raise DataError(f"{path}: no such file or folder")
-    return _zip_source(archive, path.relative_to(archive).as_posix(), max_pixels)
+    return _zip_source(archive, path.relative_to(archive).as_posix(), max_pixels, group_column)
 
 
-def _zip_source(path: Path, inner: str, max_pixels: int) -> _Source:
+def _zip_source(path: Path, inner: str, max_pixels: int, group_column: str) -> _Source:
     store = ZipStore(str(path), max_pixels)
     try:
         members = frozenset(i.filename for i in store.archive().infolist() if not i.is_dir())
@@ -166,7 +182,7 @@ def _zip_source(path: Path, inner: str, max_pixels: int) -> _Source:
     for member in members:
         if _escapes(member):
             raise DataError(f"{path}: member {member!r} escapes the archive's root; refusing the archive")
-    root = _ZipTree(store, members, "")
+    root = _ZipTree(store, members, "", group_column)
     if not inner:
         return root.unwrapped()
     if inner in members and inner.lower().endswith(".csv"):
@@ -193,6 +209,8 @@ class _Tree(_Source):
     store: FileStore | ZipStore
     files: list[str]
     """Every non-hidden file below the root, sorted (a cached property of each kind of tree)."""
+    group_column: str
+    """The column of a CSV in this tree that names each image's group."""
 
     @abstractmethod
     def ref(self, rel: str) -> str:
@@ -205,8 +223,33 @@ class _Tree(_Source):
     def sub(self, folder: str) -> _Tree: ...
 
     @abstractmethod
+    def open_binary(self, rel: str) -> IO[bytes]:
+        """The file at ``rel``, opened for reading bytes (as a context manager)."""
+
     def head(self, rel: str, size: int) -> bytes:
         """The first ``size`` bytes of a file, to recognise DICOM files without a suffix."""
+        try:
+            with self.open_binary(rel) as f:
+                return f.read(size)
+        except Exception:  # unreadable or damaged: not recognised as an image, so reported as ignored
+            return b""
+
+    def groups(self, rels: list[str], given: list[str | None] | None = None) -> list[str | None] | None:
+        """The group of each file: ``given`` (a CSV's column), else a DICOM file's patient; None if none has one."""
+        given = given or [None] * len(rels)
+        found = [group or self._dicom_group(rel) for group, rel in zip(given, rels, strict=True)]
+        return found if any(group is not None for group in found) else None
+
+    def _dicom_group(self, rel: str) -> str | None:
+        """PatientID (else StudyInstanceUID) of a DICOM file: named ``.dcm``/``.dicom``, or without a suffix."""
+        suffix = posixpath.splitext(rel)[1].lower()
+        if suffix not in DICOM_SUFFIXES and (suffix or not is_dicom(self.head(rel, 132), rel)):
+            return None
+        try:
+            with self.open_binary(rel) as file:
+                return dicom_group(file)
+        except Exception:  # unreadable: its own group here; decoding it reports it by name
+            return None
 
     def read_text(self, rel: str) -> str:
         try:
@@ -251,7 +294,7 @@ class _Tree(_Source):
             raise DataError(f"{self.name}: no images found (image suffixes: {' '.join(sorted(IMAGE_SUFFIXES))})")
         loose = [f for f in images if "/" not in f]
         if len(loose) == len(images):
-            return ImageSet.from_refs(self.name, self.store, [self.ref(f) for f in images])
+            return ImageSet.from_refs(self.name, self.store, [self.ref(f) for f in images], groups=self.groups(images))
         if loose:
             nested = next(f for f in images if "/" in f)
             raise DataError(
@@ -265,13 +308,15 @@ class _Tree(_Source):
             raise DataError(f"{self.name}: class folder(s) {empty[:EXAMPLES]} hold no images")
         index = {c: i for i, c in enumerate(classes)}
         targets = np.array([index[label] for label in labels], dtype=np.int64)
-        return ImageSet.from_refs(self.name, self.store, [self.ref(f) for f in images], targets, classes)
+        return ImageSet.from_refs(self.name, self.store, [self.ref(f) for f in images], targets, classes,
+                                  groups=self.groups(images))
 
 
 class _DiskTree(_Tree):
-    def __init__(self, root: Path, store: FileStore) -> None:
+    def __init__(self, root: Path, store: FileStore, group_column: str) -> None:
         self.root = root
         self.store = store
+        self.group_column = group_column
         self.name = str(root)
 
     @cached_property
@@ -291,21 +336,18 @@ class _DiskTree(_Tree):
         return (self.root / rel).is_file()
 
     def sub(self, folder: str) -> _DiskTree:
-        return _DiskTree(self.root / folder, self.store)
+        return _DiskTree(self.root / folder, self.store, self.group_column)
 
-    def head(self, rel: str, size: int) -> bytes:
-        try:
-            with open(self.root / rel, "rb") as f:
-                return f.read(size)
-        except OSError:
-            return b""  # unreadable: not recognised as an image, so reported as ignored
+    def open_binary(self, rel: str) -> IO[bytes]:
+        return open(self.root / rel, "rb")
 
 
 class _ZipTree(_Tree):
-    def __init__(self, store: ZipStore, members: frozenset[str], prefix: str) -> None:
+    def __init__(self, store: ZipStore, members: frozenset[str], prefix: str, group_column: str) -> None:
         self.store = store
         self.members = members
         self.prefix = prefix
+        self.group_column = group_column
         self.name = f"{store.path}:{prefix}" if prefix else store.path
 
     @cached_property
@@ -320,14 +362,10 @@ class _ZipTree(_Tree):
         return self.prefix + rel in self.members
 
     def sub(self, folder: str) -> _ZipTree:
-        return _ZipTree(self.store, self.members, f"{self.prefix}{folder}/")
+        return _ZipTree(self.store, self.members, f"{self.prefix}{folder}/", self.group_column)
 
-    def head(self, rel: str, size: int) -> bytes:
-        try:
-            with self.store.archive().open(self.ref(rel)) as f:
-                return f.read(size)
-        except Exception:  # a damaged member is not recognised, so reported as ignored
-            return b""
+    def open_binary(self, rel: str) -> IO[bytes]:
+        return self.store.archive().open(self.ref(rel))
 
     def unwrapped(self) -> _Tree:
         """The single top-level folder most zip tools wrap around their content, unless it is a split."""
@@ -352,9 +390,12 @@ class _Csv(_Source):
     def _read(self, split: str | None) -> ImageSet:
         rows, header = self._rows()
         paths = self._paths(rows, header.index("path"))
-        targets, classes, multilabel = _csv_labels(self.name, rows, header)
-        store = self.tree.store
-        return ImageSet.from_refs(self.name, store, [self.tree.ref(p) for p in paths], targets, classes, multilabel)
+        column = self.tree.group_column
+        targets, classes, multilabel = _csv_labels(self.name, rows, header, column)
+        given = [cells[header.index(column)] or None for _, cells in rows] if column in header else None
+        refs = [self.tree.ref(p) for p in paths]
+        return ImageSet.from_refs(self.name, self.tree.store, refs, targets, classes, multilabel,
+                                  self.tree.groups(paths, given))
 
     def _rows(self) -> tuple[list[tuple[int, list[str]]], list[str]]:
         """(line number, cells) for each data row, and the stripped header."""
@@ -394,7 +435,7 @@ class _Csv(_Source):
 
 
 def _csv_labels(
-    name: str, rows: list[tuple[int, list[str]]], header: list[str]
+    name: str, rows: list[tuple[int, list[str]]], header: list[str], group_column: str
 ) -> tuple[np.ndarray | None, list[str], bool]:
     """Targets, classes and whether they are multi-label, by the CSV rules of the module docstring."""
     if "label" in header:
@@ -406,7 +447,7 @@ def _csv_labels(
         classes = _sorted_classes(set(labels))
         index = {c: i for i, c in enumerate(classes)}
         return np.array([index[label] for label in labels], dtype=np.int64), classes, False
-    columns = [i for i, h in enumerate(header) if h != "path"]
+    columns = [i for i, h in enumerate(header) if h not in ("path", group_column)]
     if not columns:
         return None, [], False
     targets = np.zeros((len(rows), len(columns)), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Frozen features and the cosine k-NN read from them: what k-NN probes, k-NN models and ``cass embed`` share."""
+"""Frozen features: what the readouts (:mod:`cass.evaluation.readouts`), their models and ``cass embed`` share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from sklearn.neighbors import KNeighborsClassifier
 from tqdm.auto import tqdm
 
 from cass.config import (
@@ -32,19 +31,6 @@ def extract_features(net: Network, images: ImageSet, img_size: int, batch_size: 
     return torch.cat(chunks).numpy()
 
 
-def fit_knn(features: np.ndarray, targets: np.ndarray, k: int) -> KNeighborsClassifier:
-    """Distance-weighted cosine k-NN (k capped by the bank size)."""
-    return KNeighborsClassifier(n_neighbors=min(k, len(features)), metric="cosine", weights="distance").fit(
-        features, targets)
-
-
-def knn_logits(knn: KNeighborsClassifier, features: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Class log-probabilities over all classes (classes absent from the bank get -inf-like scores)."""
-    proba = np.zeros((len(features), num_classes))
-    proba[:, knn.classes_] = knn.predict_proba(features)
-    return torch.from_numpy(np.log(np.clip(proba, 1e-8, 1.0))).float()
-
-
 def read_model_info(model_dir: str | Path) -> dict[str, Any]:
     """The metadata of a model directory's weights: timm name, classes, multi-label flag, input size."""
     path = Path(model_dir) / MODEL
@@ -53,4 +39,5 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     return {"timm_name": meta["timm_name"], "arch": meta["arch"], "classes": json.loads(meta["classes"]),
-            "multilabel": json.loads(meta["multilabel"]), "img_size": int(meta["img_size"]), "mode": meta["mode"]}
+            "multilabel": json.loads(meta["multilabel"]), "img_size": int(meta["img_size"]), "mode": meta["mode"],
+            "cnn_stem": meta.get("cnn_stem", "timm"), "patch_size": int(meta["patch_size"]) if meta.get("patch_size") else None}

@@ -18,40 +18,37 @@ from cass.data.dataset import ImageSet
 from cass.data.sources import load_splits, open_images
 from cass.evaluation.features import (
     extract_features,
-    fit_knn,
-    knn_logits,
     read_model_info,
 )
 from cass.evaluation.metrics import ClassificationMetrics
-from cass.models.factory import Network, create_network
+from cass.evaluation.readouts import READOUT_FILES, Readout, load_readout
+from cass.models.factory import Network, create_network, shape_options
 from cass.models.weights import load_state_dict_file
 from cass.utils.atomic import atomic_write, atomic_write_text
-from cass.utils.checkpoint import read_info
 from cass.utils.plots import plot_confusion_matrix
-from cass.utils.rundir import KNN_BANK, MODEL
+from cass.utils.rundir import MODEL
 
 
 @dataclass
 class Classifier:
-    """A fine-tuned network with what it needs to predict: classes, input size, k-NN bank."""
+    """A fine-tuned network with what it needs to predict: classes, input size, and a readout's fit."""
 
     net: Network
     classes: list[str]
     multilabel: bool
     img_size: int
-    knn_bank: dict[str, torch.Tensor] | None
+    readout: Readout | None
+    """The k-NN bank or logistic probe of a readout model (with the k or C chosen when it was made); None:
+    the network's own head."""
     device: torch.device
-    knn_k: int = 20
-    """The k of a k-NN model (``knn_k`` when it was made; stored in its bank's metadata)."""
 
     @torch.no_grad()
     def logits(self, images: ImageSet, batch_size: int = 64) -> torch.Tensor:
-        """Scores (N, C) for every image: head logits, or k-NN log-probabilities."""
-        feats = torch.from_numpy(extract_features(self.net, images, self.img_size, batch_size, self.device))
-        if self.knn_bank is not None:
-            knn = fit_knn(self.knn_bank["features"].numpy(), self.knn_bank["targets"].numpy(), self.knn_k)
-            return knn_logits(knn, feats.numpy(), len(self.classes))
-        return self.net.model.get_classifier()(feats.to(self.device)).float().cpu()
+        """Scores (N, C) for every image: head logits, or the readout's scores."""
+        feats = extract_features(self.net, images, self.img_size, batch_size, self.device)
+        if self.readout is not None:
+            return self.readout.logits(feats)
+        return self.net.model.get_classifier()(torch.from_numpy(feats).to(self.device)).float().cpu()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
@@ -61,16 +58,14 @@ def load_classifier(model_dir: str | Path, device: str | torch.device | None = N
     """Load a ``cass finetune`` output directory (weights are safetensors; no pickle is read)."""
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
-    knn = info["mode"] == "knn"
-    num_outputs = 0 if knn else len(info["classes"])
-    net = create_network(info["timm_name"], num_outputs=num_outputs, img_size=info["img_size"])
-    net.model.load_state_dict(load_state_dict_file(model_dir / MODEL), strict=not knn)
-    bank, k = None, 20
-    if knn:
-        bank = load_state_dict_file(model_dir / KNN_BANK)
-        k = int(read_info(model_dir / KNN_BANK).get("k", k))
+    readout = info["mode"] in READOUT_FILES  # a readout keeps the network without a head, and its own fit
+    num_outputs = 0 if readout else len(info["classes"])
+    net = create_network(info["timm_name"], num_outputs=num_outputs, img_size=info["img_size"],
+                         **shape_options(info["arch"], info["cnn_stem"], info["patch_size"]))
+    net.model.load_state_dict(load_state_dict_file(model_dir / MODEL), strict=not readout)
+    fit = load_readout(model_dir, info["mode"], len(info["classes"])) if readout else None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], bank, device, k)
+    return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], fit, device)
 
 
 def _labelled_split(data: str | Path, split: str | None) -> ImageSet:

@@ -21,12 +21,17 @@ Conventions (all match scikit-learn):
   or without negatives), which happens on small validation sets. Such a class gets ``None`` and the
   macro average runs over the others (``None`` if none is left). Undefined values are ``None``,
   never NaN, so the result is strict JSON.
+
+Per-image outputs: inside :func:`recording_predictions`, every :meth:`ClassificationMetrics.compute` also
+hands the probabilities, targets and decisions it scored to the recorder (see that function for why).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -47,6 +52,8 @@ from torchmetrics.classification import (
     MultilabelRecall,
     MultilabelSpecificity,
 )
+
+from cass.evaluation.predictions import Predictions
 
 
 def _multiclass_metrics(num_classes: int) -> dict[str, Metric]:
@@ -150,6 +157,38 @@ def _summarise_multilabel(values: dict[str, torch.Tensor], classes: Sequence[str
     }
 
 
+class PredictionRecorder:
+    """The per-image outputs of every :meth:`ClassificationMetrics.compute` inside :func:`recording_predictions`."""
+
+    def __init__(self) -> None:
+        self.seen: list[Predictions] = []
+
+    def only(self) -> Predictions:
+        """The outputs of the one scoring the block ran (an error if it ran none or several)."""
+        if len(self.seen) != 1:
+            raise RuntimeError(f"expected the per-image outputs of one scoring, got {len(self.seen)}")
+        return self.seen[0]
+
+
+_RECORDER: ContextVar[PredictionRecorder | None] = ContextVar("cass_prediction_recorder", default=None)
+
+
+@contextmanager
+def recording_predictions() -> Iterator[PredictionRecorder]:
+    """Keep the per-image outputs behind every :meth:`ClassificationMetrics.compute` inside the block.
+
+    Every scorer of a model (the best fine-tuned weights, k-NN, any readout added later) ends in
+    ``compute()``, so recording here keeps the outputs of any scorer without changing what a scorer
+    returns; outside the block nothing is kept, so the many validations of a training run cost no memory.
+    """
+    recorder = PredictionRecorder()
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
 class ClassificationMetrics(nn.Module):
     """Accumulates logits and targets over an epoch; :meth:`compute` returns the metrics and resets.
 
@@ -164,6 +203,8 @@ class ClassificationMetrics(nn.Module):
         self.multilabel = multilabel
         build = _multilabel_metrics if multilabel else _multiclass_metrics
         self.collection = MetricCollection(build(len(self.classes)))
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """(probabilities, targets) of each batch, kept only while :func:`recording_predictions` is active."""
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Add a batch: ``logits`` (N, C); ``targets`` class indices (N,) or 0/1 labels (N, C)."""
@@ -177,16 +218,24 @@ class ClassificationMetrics(nn.Module):
         if tuple(targets.shape) != expected:
             raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {expected}")
         logits = logits.detach().float()
-        if self.multilabel:
-            if not ((targets == 0) | (targets == 1)).all():
-                raise ValueError("multi-label targets must contain only 0 and 1")
-            self.collection.update(logits.sigmoid(), targets.long())
-        else:
-            self.collection.update(logits.softmax(dim=1), targets.long())
+        if self.multilabel and not ((targets == 0) | (targets == 1)).all():
+            raise ValueError("multi-label targets must contain only 0 and 1")
+        probabilities = logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        self.collection.update(probabilities, targets.long())
+        if _RECORDER.get() is not None:
+            self._seen.append((probabilities, targets.detach().long()))
 
     def reset(self) -> None:
         """Forget everything accumulated (compute() already does this)."""
         self.collection.reset()
+        self._seen = []
+
+    def _record(self) -> None:
+        """Hand the outputs seen since the last reset to the active recorder (the same tensors the metrics saw)."""
+        recorder = _RECORDER.get()
+        if recorder is not None and self._seen:
+            probabilities, targets = (torch.cat(parts).cpu().numpy() for parts in zip(*self._seen, strict=True))
+            recorder.seen.append(Predictions.from_probabilities(self.classes, self.multilabel, probabilities, targets))
 
     def compute(self) -> dict[str, Any]:
         """The metrics of everything seen since the last reset, as plain JSON data; then reset."""
@@ -196,6 +245,7 @@ class ClassificationMetrics(nn.Module):
             # torchmetrics warns about classes without positives; they are reported as None instead.
             warnings.filterwarnings("ignore", message="No (positive|negative) samples")
             values = self.collection.compute()
+        self._record()
         self.reset()
         summarise = _summarise_multilabel if self.multilabel else _summarise_multiclass
         return summarise({name: value.detach().cpu() for name, value in values.items()}, self.classes)

@@ -16,7 +16,7 @@ from cass.config import (
     PretrainConfig,
     merge,
 )
-from cass.evaluation.subsets import check_fraction
+from cass.data.subsets import check_fraction
 from cass.methods.registry import method_class, method_names
 
 SUPERVISED = "supervised"
@@ -24,8 +24,9 @@ SUPERVISED = "supervised"
 STARTING_POINT = "starting-point"
 """Not a method: each network at its initialisation (random or stand-in weights), read out on frozen
 features exactly like a pretrained network; what pretraining added is measured against it."""
-READOUTS = ("knn", "linear")
-"""Frozen-feature readouts: cosine k-NN and a linear probe (``finetune.mode`` values)."""
+READOUTS = ("knn", "logistic")
+"""Frozen-feature readouts (``finetune.mode`` values): cosine k-NN and L2 logistic regression, k and C chosen
+on the selection split (``finetune.knn_ks``, ``finetune.logistic_cs``)."""
 ARCHS = ("cnn", "vit")
 BUILTIN_INITS = ("scratch", "imagenet")
 
@@ -76,7 +77,7 @@ class ExperimentConfig:
     """One pretraining run per seed (True), or one run with the first seed reused by every seed."""
     readouts: list[str] = field(default_factory=lambda: list(READOUTS))
     """Frozen-feature readouts of every pretrained network and of the same network at its starting point,
-    at every label fraction and seed (``[]`` for none): the report's first table, "what pretraining added"."""
+    at every label fraction and seed (``[]`` for none): the report's first tables, "what pretraining added"."""
     sweep_batch_sizes: list[int] = field(default_factory=list)
     """Pretraining batch sizes of the robustness sweep (CASS and DINO), e.g. [8, 16, 32]."""
     sweep_epochs: list[int] = field(default_factory=list)
@@ -96,6 +97,10 @@ def validate(cfg: ExperimentConfig) -> None:
     """Refuse a grid that would fail (or silently mislead) hours into the run."""
     _check_choices("methods", cfg.methods, tuple(grid_methods()))
     _check_choices("archs", cfg.archs, ARCHS)
+    if "linear" in cfg.readouts:  # refused, not mapped: its cells would silently change meaning and name
+        raise ConfigError("experiment: readouts: the linear readout is now `logistic` (L2 logistic regression, C "
+                          "chosen on the selection split; `linear` is a fine-tuning mode that trains a head with "
+                          "Adam); replace linear by logistic")
     unknown = sorted(set(cfg.readouts) - set(READOUTS))
     if unknown:
         raise ConfigError(f"experiment: readouts must be a subset of {list(READOUTS)}, got {cfg.readouts}")

@@ -76,7 +76,7 @@ class Cell:
     epochs: int | None
     """Pretraining epochs (None for the supervised baseline)."""
     mode: str = "full"
-    """``full`` fine-tuning, or a frozen-feature readout (``knn``, ``linear``)."""
+    """``full`` fine-tuning, or a frozen-feature readout (``knn``, ``logistic``)."""
 
     @property
     def name(self) -> str:

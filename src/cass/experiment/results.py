@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from cass.config import PretrainConfig, load_yaml
+from cass.evaluation.diagnostics import BACKBONE_RANK, BACKBONE_STD, DIAGNOSTIC_SUFFIXES, KNN_F1
 from cass.experiment.config import ExperimentConfig
 from cass.experiment.plan import Cell, PretrainRun, pretrain_dir, pretrain_run
 from cass.methods.registry import method_class
 from cass.utils.atomic import atomic_write_text
-from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text
+from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text, read_history
 
 CELL = "cell.json"
 
@@ -42,29 +43,38 @@ def read_pretraining(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _pretraining_summary(cfg: ExperimentConfig, run: PretrainRun) -> dict[str, Any]:
-    """Cost and end state of one pretraining run, from its ``metrics.csv``."""
+    """Cost and end state of one pretraining run, from its ``metrics.csv`` and ``start.csv``.
+
+    ``final_*`` is the last value each diagnostic recorded (the k-NN may skip epochs), ``start_*`` its value
+    before the first step; ``warnings`` are the method's verdicts on the whole record
+    (:meth:`~cass.methods.base.PretrainMethod.learning_warnings`), the report's "did not learn".
+    """
     run_dir = pretrain_dir(cfg, run)
-    rows = read_pretraining(run_dir)
-    last = rows[-1] if rows else {}
+    history = read_history(run_dir)
+    start = history[0] if history and history[0]["epoch"] == 0 else {}
+    epochs = [row for row in history if row["epoch"] >= 1]
+    last = {key: value for row in epochs for key, value in row.items()}  # the latest value of every column
     summary: dict[str, Any] = {
         "method": run.method, "arch": run.arch or "cnn+vit", "init": run.init, "batch_size": run.batch_size,
-        "epochs": run.epochs, "seed": run.seed, "epochs_done": len(rows),
-        "time_s": sum(float(r["epoch_time_s"]) for r in rows),
-        "device_time_s": sum(float(r["device_time_s"]) for r in rows),
-        "images_per_s": sum(float(r["images_per_s"]) for r in rows) / len(rows) if rows else None,
-        "peak_memory_mb": max((float(r["peak_memory_mb"]) for r in rows), default=None),
-        "final_loss": float(last["loss"]) if last else None,
+        "epochs": run.epochs, "seed": run.seed, "epochs_done": len(epochs),
+        "time_s": sum(r["epoch_time_s"] for r in epochs),
+        "device_time_s": sum(r["device_time_s"] for r in epochs),
+        "images_per_s": sum(r["images_per_s"] for r in epochs) / len(epochs) if epochs else None,
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in epochs), default=None),
+        "final_loss": last.get("loss"),
     }
     for role in run.roles:
-        for key in (f"{role}_output_std", f"{role}_effective_rank"):
-            summary[f"final_{key}"] = float(last[key]) if key in last else None
-    for key in sorted(set(last) - COST_COLUMNS - set(summary)):  # the method's own diagnostics (DINO's entropy)
-        if not key.endswith(("_output_std", "_effective_rank")):
-            summary[f"final_{key}"] = float(last[key])
+        for suffix in ("output_std", "effective_rank", BACKBONE_STD, BACKBONE_RANK, KNN_F1):
+            summary[f"final_{role}_{suffix}"] = last.get(f"{role}_{suffix}")
+        knn = f"{role}_{KNN_F1}"
+        summary[f"start_{knn}"] = start.get(knn)
+        summary[f"best_{knn}"] = max((row[knn] for row in epochs if knn in row), default=None)
+    for key in sorted(set(last) - COST_COLUMNS):  # the method's own diagnostics (DINO's entropy)
+        if not key.endswith(DIAGNOSTIC_SUFFIXES):
+            summary[f"final_{key}"] = last[key]
     warnings = []
-    if last and (run_dir / CONFIG).is_file():
-        warnings = method_class(run.method).learning_warnings(
-            {k: float(v) for k, v in last.items()}, load_yaml(PretrainConfig, run_dir / CONFIG))
+    if epochs and (run_dir / CONFIG).is_file():
+        warnings = method_class(run.method).learning_warnings(history, load_yaml(PretrainConfig, run_dir / CONFIG))
     summary["warnings"] = " | ".join(warnings)
     summary["dir"] = str(run_dir)
     summary["config"] = str(run_dir / CONFIG)
@@ -73,17 +83,19 @@ def _pretraining_summary(cfg: ExperimentConfig, run: PretrainRun) -> dict[str, A
 
 def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetune_time: float) -> dict[str, Any]:
     """One results row: the cell, every metric named by its split (``test_*``: reported, measured on the test
-    split; ``val_*``: the selection split the best evaluation was chosen on), the costs and the configs."""
+    split; ``val_*``: the selection split the best evaluation was chosen on), a readout's chosen k or C
+    (``readout_k``, ``readout_c``), the costs and the configs."""
     cell_dir = Path(cfg.out) / "finetune" / cell.name
     metrics = json.loads((cell_dir / "metrics.json").read_text())
     selection = metrics.get("selection", {})
+    readout = metrics.get("readout", {})
     with open(cell_dir / "subset.csv", newline="") as fh:
         labelled = sum(1 for _ in csv.DictReader(fh))
     pre = _pretraining_summary(cfg, run) if run is not None else None
     return {
         "method": cell.method, "arch": cell.arch, "init": cell.init, "label_fraction": cell.label_fraction,
         "seed": cell.seed, "pretrain_batch_size": cell.batch_size, "pretrain_epochs": cell.epochs,
-        "mode": cell.mode, "labelled_images": labelled,
+        "mode": cell.mode, "labelled_images": labelled, "readout_k": readout.get("k"), "readout_c": readout.get("c"),
         **{f"test_{key}": metrics.get(key) for key in SCORES},
         **{f"val_{key}": selection.get(key) for key in SCORES},
         "best_evaluation": metrics.get("epoch"), "steps": metrics.get("steps"), "val_loss": selection.get("val_loss"),

@@ -9,7 +9,8 @@ own. A directory written with a different configuration is refused, never silent
 Layout of ``out``: ``experiment.yaml`` (the resolved configuration: ``cass experiment --config`` on it
 reruns everything), ``environment.json`` (machine and versions of each session), ``pretrain/<run>/``,
 ``finetune/<cell>/`` (a ``cass finetune`` model directory plus ``cell.json``), ``results.csv`` and
-``results.json`` (one row per finished cell) and ``pretraining.csv`` (one row per pretraining run).
+``results.json`` (one row per finished cell), ``pretraining.csv`` (one row per pretraining run) and
+``comparisons.csv``/``.json`` (the stated comparisons with their intervals: :mod:`cass.experiment.comparisons`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cass.config import (
     save_yaml,
     to_dict,
 )
+from cass.experiment.comparisons import comparisons, write_comparisons
 from cass.experiment.config import ExperimentConfig, validate
 from cass.experiment.plan import PretrainRun, job_configs, plan
 from cass.experiment.results import CELL, cell_row, write_results
@@ -125,6 +127,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
               f"{row['finetune_time_s']:.0f} s)", flush=True)
         write_results(cfg, cells)
     write_results(cfg, cells)
+    write_comparisons(out, comparisons(cfg, out))
     return out
 
 

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from cass.config import ConfigError, PretrainConfig
-from cass.evaluation.diagnostics import collapse_warnings
+from cass.evaluation.diagnostics import learning_checks
 from cass.models.factory import Network
 
 
@@ -70,6 +70,9 @@ class PretrainMethod(nn.Module):
     """Whether ``--swa`` applies (weight averaging of the exported networks)."""
     config_section: ClassVar[str | None] = None
     """The :class:`~cass.config.PretrainConfig` field that holds this method's own options."""
+    compared_with: ClassVar[tuple[str, ...]] = ()
+    """Registered methods this one claims to improve on: an experiment holding both states each comparison,
+    with its paired interval and verdict (besides every method against its starting point and supervised)."""
 
     @classmethod
     def roles(cls, arch: str) -> tuple[str, ...]:
@@ -98,12 +101,15 @@ class PretrainMethod(nn.Module):
             raise ConfigError(f"--arch must be cnn or vit for method {cls.name!r}, got {cfg.arch!r}")
 
     @classmethod
-    def learning_warnings(cls, row: dict[str, float], cfg: PretrainConfig) -> list[str]:
-        """Plain-language warnings that an epoch's ``metrics.csv`` row shows the method is not learning.
+    def learning_warnings(cls, history: list[dict[str, float]], cfg: PretrainConfig) -> list[str]:
+        """Plain-language warnings that a run's record so far shows the method is not learning.
 
-        Every method gets the collapse check on ``<role>_output_std``; methods add their own failure modes.
+        ``history``: the start row (epoch 0, when recorded) then one ``metrics.csv`` row per finished epoch,
+        as numbers (:func:`~cass.utils.rundir.read_history`). Every method gets the checks on what the user
+        gets, its backbones (:func:`~cass.evaluation.diagnostics.learning_checks`); methods add their own
+        failure modes.
         """
-        return collapse_warnings(row, cfg.collapse_threshold)
+        return learning_checks(history, cfg.collapse_threshold)
 
     views_per_image: int = 1
     """Augmented views per image (1 for CASS, 2 + local crops for DINO)."""

@@ -20,7 +20,7 @@ from cass.data.transforms import cass_augmentation
 from cass.methods.base import PretrainMethod, Progress, StepOutput
 from cass.methods.losses import cass_loss
 from cass.methods.registry import register_method
-from cass.models.factory import Network, create_network
+from cass.models.factory import Network, create_network, shape_options
 from cass.utils.schedules import cosine_lambda
 
 
@@ -33,12 +33,16 @@ class CASS(PretrainMethod):
     trains_both_networks = True
     supports_swa = True
     config_section = "cass"
+    compared_with = ("dino",)  # the paper's claim: one CASS run against DINO
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__(cfg)
         common = {"init": cfg.init, "num_outputs": self.head_width(), "img_size": cfg.img_size}
-        self.cnn = create_network(cfg.cnn, weights=cfg.cnn_weights, role="cnn", **common)
-        self.vit = create_network(cfg.vit, weights=cfg.vit_weights, role="vit", **common)
+        shape = {"cnn_stem": cfg.cnn_stem, "vit_patch_size": cfg.vit_patch_size}
+        self.cnn = create_network(cfg.cnn, weights=cfg.cnn_weights, role="cnn", **common,
+                                  **shape_options("cnn", **shape))
+        self.vit = create_network(cfg.vit, weights=cfg.vit_weights, role="vit", **common,
+                                  **shape_options("vit", **shape))
 
     def head_width(self) -> int:
         """Width of each network's classification head: the compared outputs (0 = no head)."""

@@ -1,14 +1,20 @@
-"""``cass-vicreg``: CASS's cross-architecture agreement made collapse-resistant with VICReg's terms.
+"""``cass-vicreg``: VICReg's loss with CASS's two architectures as its two branches.
 
-Faithful CASS (:mod:`cass.methods.cass`) minimises ``2 - 2 cos(z_cnn, z_vit)`` with gradients into both
-networks and nothing else, so any constant output is a minimum, and from random init both networks fall
-into one within a couple of epochs. This method keeps CASS's idea (one augmented view, a CNN and a
-Transformer teaching each other, no EMA, no stop-gradient) and adds what VICReg (Bardes et al. 2022)
-showed is enough without any asymmetry: a small projector on each network, the mean squared error
-between the two projections (invariance), a hinge on each projection dimension's std over the batch
-(variance: a constant output now costs ``variance_weight``), and a penalty on the off-diagonal
-covariances (so the variance is spread over decorrelated dimensions). It is a method of its own, never
-the paper's CASS.
+Faithful CASS (:mod:`cass.methods.cass`) minimises ``2 - 2 cos(z_cnn, z_vit)`` between the two networks'
+heads with gradients into both and nothing else, so any constant output is a minimum, and from random init
+both networks fall into one within a couple of epochs. This method keeps CASS's *setting* (one augmented
+view, a CNN and a Transformer teaching each other, no EMA, no stop-gradient) but optimises VICReg's
+objective (Bardes et al. 2022), not CASS's loss:
+
+    loss = invariance_weight * MSE(p_cnn, p_vit)                 (agreement of the two projections)
+         + variance_weight   * mean std hinge of p_cnn and p_vit  (a constant output costs this much)
+         + covariance_weight * off-diagonal covariance of each    (variance spread over decorrelated dims)
+         + cosine_weight     * mean(2 - 2 cos(p_cnn, p_vit))      (CASS's loss; 0 by default)
+
+where ``p`` is a small projector (Linear, BatchNorm, ReLU, Linear) on each network's pooled features. With
+the defaults CASS's ``2 - 2 cos`` is *not* in it: the agreement term is VICReg's squared error.
+``cosine_weight`` adds CASS's term beside (or, with ``invariance_weight`` 0, in place of) the MSE; the
+ablation in BENCHMARKS.md measures what each term is worth. It is a method of its own, never the paper's CASS.
 
 Exports the two backbones without their heads (``cnn.safetensors``, ``vit.safetensors``), like DINO's;
 fine-tuning adds a fresh head. The projectors are training-only and are not exported.
@@ -22,7 +28,7 @@ from torch import nn
 from cass.config import ConfigError, PretrainConfig
 from cass.methods.base import Progress, StepOutput
 from cass.methods.cass import CASS
-from cass.methods.losses import cross_vicreg_loss
+from cass.methods.losses import cass_loss, cross_vicreg_loss
 from cass.methods.registry import register_method
 
 
@@ -37,8 +43,9 @@ class CassVicreg(CASS):
     """A timm CNN and a timm Transformer whose projections agree, each kept varied and decorrelated."""
 
     display_name = "CASS-VICReg"
-    objective = "CASS-VICReg loss: 25 MSE(CNN, ViT) + 25 variance hinge + covariance (defaults)"
+    objective = "VICReg loss between the CNN's and ViT's projections: 25 MSE + 25 variance hinge + covariance"
     config_section = "cass_vicreg"
+    compared_with = ("cass", "dino")  # its change (VICReg terms against collapse) must beat plain CASS
 
     @classmethod
     def check_config(cls, cfg: PretrainConfig) -> None:
@@ -66,8 +73,9 @@ class CassVicreg(CASS):
             z_cnn, z_vit, invariance_weight=opts.invariance_weight, variance_weight=opts.variance_weight,
             covariance_weight=opts.covariance_weight, variance_target=opts.variance_target,
         )
+        loss = terms.loss + opts.cosine_weight * cass_loss(z_cnn, z_vit) if opts.cosine_weight else terms.loss
         return StepOutput(
-            loss=terms.loss,
+            loss=loss,
             outputs={"cnn": z_cnn.detach(), "vit": z_vit.detach()},
             features={"cnn": feats_cnn.detach(), "vit": feats_vit.detach()},
         )

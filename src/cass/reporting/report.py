@@ -15,6 +15,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,29 +23,43 @@ import markdown
 import numpy as np
 import torch
 
-from cass.config import ConfigError, load_yaml
+from cass.config import ConfigError, FinetuneConfig, load_yaml
+from cass.data.splits import three_roles
 from cass.data.transforms import eval_transform
+from cass.evaluation.diagnostics import BACKBONE_RANK, BACKBONE_STD, KNN_F1, KNN_MIN_GAIN, RANK_FLOOR
 from cass.evaluation.inference import load_classifier
-from cass.evaluation.splits import three_roles
+from cass.evaluation.intervals import ABOVE, BELOW, REPLICATES, UNRESOLVED, Interval, interval
 from cass.experiment.config import (
+    READOUTS,
     STARTING_POINT,
     SUPERVISED,
     ExperimentConfig,
     is_self_supervised,
 )
+from cass.experiment.comparisons import (
+    COMPARISONS_CSV,
+    PRETRAINING_ADDED,
+    KeptPredictions,
+    comparisons,
+    covers,
+    write_comparisons,
+)
 from cass.experiment.plan import Cell
-from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, read_pretraining
+from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.methods.registry import method_class
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
 from cass.utils.atomic import atomic_write_text
 from cass.utils.plots import (
     Curve,
+    ForestRow,
     plot_bars,
     plot_confusion_matrix,
     plot_curves,
+    plot_forest,
     plot_heatmaps,
 )
+from cass.utils.rundir import PREDICTIONS, read_history
 
 ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}
 METRIC_NAMES = {
@@ -76,6 +91,21 @@ class Report:
         self.readouts = [r for r in base_grid if r.get("mode") in self.cfg.readouts]
         self.main_runs = [r for r in self.runs if int(r["batch_size"]) == base.batch_size
                           and int(r["epochs"]) == base.epochs]
+        self.kept = KeptPredictions(run_dir)
+
+    @cached_property
+    def comparisons(self) -> list[Row]:
+        """The stated comparisons with their paired intervals and verdicts (:mod:`cass.experiment.comparisons`)."""
+        return comparisons(self.cfg, self.run_dir, self.kept)
+
+    def interval_caption(self) -> str:
+        """What a table's ``[low, high]`` is, and what a ``±`` means where it appears instead."""
+        text = (f"in brackets its 95 % interval: a bootstrap over {covers(self.cfg, len(self.cfg.seeds))}, "
+                f"{REPLICATES} replicates, each drawing test images and seeds with replacement")
+        if not all((self.cell_dir(row) / PREDICTIONS).is_file() for row in self.rows):
+            text += ("; `mean ± std` instead marks cells finished before cass kept per-image predictions (std over "
+                     "seeds)")
+        return text
 
     def machine(self) -> str:
         """Where the numbers were measured, with a warning when sessions ran on different machines."""
@@ -130,6 +160,21 @@ def _format(stats: Stats, digits: int = 3) -> str:
     return f"{mean:.{digits}f}{spread} (n={n})"
 
 
+def _format_interval(result: Interval, sign: str = "") -> str:
+    """``estimate [low, high]`` (``sign="+"`` for differences)."""
+    return f"{result.estimate:{sign}.3f} [{result.low:{sign}.3f}, {result.high:{sign}.3f}]"
+
+
+def _cell(report: Report, rows: list[Row], metric: str) -> str:
+    """A table cell: ``mean [low, high] (n=k)``, the mean over the k seeds with its 95 % interval over test
+    images and seeds; ``mean ± std (n=k)`` where a cell kept no per-image predictions or the metric has no
+    bootstrap (mAP)."""
+    seeds = report.kept.seeds([report.cell_dir(row).name for row in rows], metric)
+    if seeds is None:
+        return _format(_mean_std(row[f"test_{metric}"] for row in rows))
+    return f"{_format_interval(interval(seeds))} (n={len(rows)})"
+
+
 def _groups(rows: list[Row], *keys: str) -> dict[tuple, list[Row]]:
     grouped: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
@@ -154,7 +199,7 @@ def _series_label(method: str, init: str) -> str:
 
 
 def results_table(report: Report, metric: str = "macro_f1") -> str:
-    """The paper's layout: rows method x architecture (x init), columns label fractions, mean ± std."""
+    """The paper's layout: rows method x architecture (x init), columns label fractions, mean [95 % interval]."""
     fractions = report.cfg.label_fractions
     lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
              "|---|---|---|" + "---|" * len(fractions)]
@@ -162,16 +207,14 @@ def results_table(report: Report, metric: str = "macro_f1") -> str:
     for method in report.cfg.methods:
         for arch in report.cfg.archs:
             for init in (i.name for i in report.cfg.inits):
-                values = []
-                for fraction in fractions:
-                    values.append(_format(_mean_std(r[f"test_{metric}"] for r in cells.get((method, arch, init, fraction), []))))
+                values = [_cell(report, cells.get((method, arch, init, f), []), metric) for f in fractions]
                 name = f"| {method_name(method)} | {report.network(arch)} | {init} | "
                 lines.append(name + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
 def summary_table(run_dir: str | Path, metric: str = "macro_f1", readout: str | None = None) -> str:
-    """The fine-tuning table of an experiment directory as Markdown, or with ``readout`` (``knn``, ``linear``)
+    """The fine-tuning table of an experiment directory as Markdown, or with ``readout`` (``knn``, ``logistic``)
     its "what pretraining added" table (what ``cass demo`` prints)."""
     report = Report(Path(run_dir))
     return readout_table(report, readout, metric) if readout else results_table(report, metric)
@@ -181,9 +224,9 @@ def _section_results(report: Report) -> str:
     seeds = len(report.cfg.seeds)
     text = [
         "## Results",
-        f"Fine-tuning. Test-split macro-F1 (the primary metric), mean ± sample standard deviation over {seeds} "
-        "seed(s); `n` is the number of finished seeds. The best evaluation of each run was chosen on the "
-        "selection split (`val`); nothing was selected on the test split. Pretraining: batch "
+        f"Fine-tuning. Test-split macro-F1 (the primary metric): the mean over {seeds} seed(s), "
+        f"{report.interval_caption()}; `n` is the number of finished seeds. The best evaluation of each run was "
+        "chosen on the selection split (`val`); nothing was selected on the test split. Pretraining: batch "
         f"{report.cfg.pretrain.batch_size}, {report.cfg.pretrain.epochs} epochs; fine-tuning mode "
         f"`{report.cfg.finetune.mode}`. Columns are the fraction of the train labels used for fine-tuning.",
         results_table(report, "macro_f1"),
@@ -229,34 +272,50 @@ def _run_method_label(run: dict[str, str]) -> str:
     return method_class(run["method"]).label(None if run["arch"] == "cnn+vit" else run["arch"])
 
 
+LEARNING_PANELS = {
+    "output_std": "head / projector output std",
+    BACKBONE_STD: "backbone feature std",
+    BACKBONE_RANK: "backbone effective rank",
+    KNN_F1: "online k-NN macro-F1 (selection split)",
+}
+"""The per-network curves of the learning-checks figure (``metrics.csv`` column suffix: panel title)."""
+
+
 def _section_pretraining_curves(report: Report) -> str:
     if not report.main_runs:
         return "## Pretraining curves\n\nNot run (no self-supervised method in this experiment)."
     loss: dict[str, dict[str, Curve]] = defaultdict(dict)
-    std: dict[str, Curve] = {}
-    rank: dict[str, Curve] = {}
+    panels: dict[str, dict[str, Curve]] = {title: {} for title in LEARNING_PANELS.values()}
     for run in report.main_runs:
-        rows = read_pretraining(report.pretrain_dir(run))
-        epochs = [int(r["epoch"]) for r in rows]
-        loss[method_class(run["method"]).objective][_run_label(run)] = Curve(epochs, [float(r["loss"]) for r in rows])
+        history = read_history(report.pretrain_dir(run))
+        trained = [row for row in history if "loss" in row]
+        loss[method_class(run["method"]).objective][_run_label(run)] = Curve(
+            [row["epoch"] for row in trained], [row["loss"] for row in trained])
         for role in ("cnn", "vit"):
-            if f"{role}_output_std" in (rows[0] if rows else {}):
-                label = f"{_run_label(run)} ({role})"
-                std[label] = Curve(epochs, [float(r[f"{role}_output_std"]) for r in rows])
-                rank[label] = Curve(epochs, [float(r[f"{role}_effective_rank"]) for r in rows])
-    threshold = report.cfg.pretrain.collapse_threshold
+            for suffix, title in LEARNING_PANELS.items():
+                points = [(row["epoch"], row[f"{role}_{suffix}"]) for row in history if f"{role}_{suffix}" in row]
+                if points:
+                    panels[title][f"{_run_label(run)} ({role})"] = Curve(*zip(*points, strict=True))
     loss_path, loss_image = report.figure("pretraining_loss.png", "pretraining loss per epoch")
     plot_curves(loss, loss_path, "epoch")
-    collapse_path, collapse_image = report.figure("collapse.png", "collapse diagnostics per epoch")
-    std_title = "output std (1 = healthy, 0 = collapsed)"
-    plot_curves({std_title: std, "effective rank of features": rank}, collapse_path, "epoch",
-                thresholds={std_title: (threshold, f"collapse warning ({threshold})")})
+    collapse_path, collapse_image = report.figure("collapse.png", "learning checks per epoch (0: before training)")
+    rank_title = LEARNING_PANELS[BACKBONE_RANK]
+    plot_curves({title: curves for title, curves in panels.items() if curves} or panels, collapse_path,
+                "epoch (0 = before training)", thresholds={rank_title: (RANK_FLOOR, f"collapse (rank {RANK_FLOOR:g})")})
+    threshold = report.cfg.pretrain.collapse_threshold
     return "\n\n".join([
-        "## Pretraining: loss and collapse",
-        "Each method has its own objective, so the losses are not comparable across methods. The collapse "
-        "diagnostics are comparable: the std of the "
-        "L2-normalised outputs, scaled so that isotropic outputs give 1 and a constant output gives 0, and the "
-        "effective rank of the pooled features (how many directions the backbone really uses).",
+        "## Pretraining: loss and learning checks",
+        "Each method has its own objective, so the losses are not comparable across methods. The learning "
+        "checks are comparable. Both stds are those of L2-normalised vectors, scaled so that isotropic vectors "
+        "give 1 and a constant one gives 0. The head / projector output std is measured on the training "
+        "batches and describes what the objective sees; it decides nothing, because a projector can look "
+        "healthy over a collapsed backbone and collapse over a healthy one. The other three panels measure "
+        "what the user gets, each exported backbone's pooled features, in eval mode, on images fixed for the "
+        "whole run, from before the first step (epoch 0): the std and the effective rank (how many directions "
+        "the features use) on train images, and a cosine k-NN with those images as its labelled bank, scored "
+        f"on the selection split. A backbone whose std falls below {threshold:g} of its epoch-0 value, or "
+        f"whose effective rank falls below {RANK_FLOOR:g}, has collapsed; a k-NN curve that does not end "
+        f"{KNN_MIN_GAIN:g} above its epoch-0 value shows a backbone that learned nothing the labels can use.",
         loss_image, collapse_image,
     ])
 
@@ -385,8 +444,8 @@ def _section_explanations(report: Report) -> str:
         if arch not in report.cfg.archs or not cells:
             text.append(f"{what}: not run (no {arch} cell finished).")
             continue
-        if report.cfg.finetune.mode == "knn":
-            text.append(f"{what}: not available for k-NN probes, which have no classification head.")
+        if report.cfg.finetune.mode in READOUTS:
+            text.append(f"{what}: not available for frozen-feature readouts, which have no classification head.")
             continue
         text.append(_explanation_figure(report, cells, explain, name, what))
     return "\n\n".join(text)
@@ -451,12 +510,20 @@ def _section_reading_guide(report: Report) -> str:
         text.append("One seed only: there is no error estimate, and differences of a few points may be noise.")
     else:
         text.append(f"Differences smaller than the standard deviation over the {len(cfg.seeds)} seeds are noise.")
+    text.append("A run is said not to have learned only from measurements of what it exports (`pretraining.csv`, "
+                "from each run's `metrics.csv` and `start.csv`): a backbone that collapsed (its feature std or "
+                "effective rank on fixed train images, see the learning checks), an online k-NN on the selection "
+                f"split that ended less than {KNN_MIN_GAIN:g} macro-F1 above its value before training, or the "
+                "method's own objective read over the whole run (DINO: a loss ending near ln K, or a loss or "
+                "teacher entropy rising back from its lowest). Each line names its measurement; a head's or "
+                "projector's output std decides nothing.")
     for run in report.runs:
-        for warning in filter(None, (run.get("warnings") or "").split(" | ")):
+        warnings = [w for w in (run.get("warnings") or "").split(" | ") if w]
+        if warnings:
             text.append(
-                f"**Did not learn:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs): {warning}. "
-                "What fine-tuning gains from this run comes mostly from its initialisation, not from the "
-                "self-supervision.")
+                f"**Did not learn:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs): "
+                f"{'; '.join(warnings)}. What fine-tuning gains from this run comes mostly from its "
+                "initialisation, not from the self-supervision.")
     stand_ins = [i for i in cfg.inits if i.name not in ("scratch", "imagenet")]
     names = ["`scratch` is random initialisation"] + (
         ["`imagenet` is timm's ImageNet weights"] if any(i.name == "imagenet" for i in cfg.inits) else [])
@@ -478,67 +545,57 @@ def _section_overview(report: Report) -> str:
     ])
 
 
-READOUT_NAMES = {"knn": "cosine k-NN (k = {k}) on frozen features", "linear": "linear probe on frozen features"}
-
-
-def _readout_stats(report: Report, mode: str, metric: str) -> dict[tuple[str, str, str, float], Stats]:
-    """Mean, std and count over seeds of every readout group, keyed by (method, arch, init, fraction);
-    the starting point is the method ``STARTING_POINT``."""
-    groups = _groups(report.readouts, "mode", "method", "arch", "init", "label_fraction")
-    return {key[1:]: _mean_std(r[f"test_{metric}"] for r in rows) for key, rows in groups.items() if key[0] == mode}
-
-
-NOT_RUN: Stats = (float("nan"), float("nan"), 0)
+def readout_name(mode: str, cfg: FinetuneConfig) -> str:
+    """What a readout is, with how its setting was found (a fixed k in experiments made before the grid)."""
+    if mode == "knn":
+        how = (f"k = {cfg.knn_k}" if cfg.knn_k is not None
+               else f"k chosen on the selection split from {', '.join(map(str, cfg.knn_ks))}")
+        return f"cosine k-NN on frozen features ({how})"
+    return ("L2 logistic regression on frozen, standardised features (C chosen on the selection split from "
+            f"{', '.join(f'{c:g}' for c in cfg.logistic_cs)})")
 
 
 def readout_table(report: Report, mode: str, metric: str = "macro_f1") -> str:
-    """Each pretrained network against the same network at its starting point: mean ± std over seeds, and
-    the difference of the means (positive: pretraining added something this readout can see)."""
+    """Each pretrained network against the same network at its starting point: the mean over seeds with its
+    interval, then (Δ) the paired difference from the starting point with its interval and verdict."""
     fractions = report.cfg.label_fractions
-    stats = _readout_stats(report, mode, metric)
+    groups = _groups([r for r in report.readouts if r["mode"] == mode], "method", "arch", "init", "label_fraction")
+    added = {(r["a"], r["arch"], r["init"], r["label_fraction"]): r for r in report.comparisons
+             if r["comparison"] == PRETRAINING_ADDED and r["mode"] == mode and r["metric"] == metric}
     lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
              "|---|---|---|" + "---|" * len(fractions)]
     for arch in report.cfg.archs:
         for init in (i.name for i in report.cfg.inits):
-            start = [stats.get((STARTING_POINT, arch, init, f), NOT_RUN) for f in fractions]
-            lines.append(f"| {method_name(STARTING_POINT)} | {report.network(arch)} | {init} | "
-                         + " | ".join(_format(s) for s in start) + " |")
-            for method in (m for m in report.cfg.methods if is_self_supervised(m)):
+            for method in [STARTING_POINT, *(m for m in report.cfg.methods if is_self_supervised(m))]:
                 values = []
-                for fraction, base in zip(fractions, start, strict=True):
-                    pretrained = stats.get((method, arch, init, fraction), NOT_RUN)
-                    missing = np.isnan(pretrained[0]) or np.isnan(base[0])
-                    delta = "" if missing else f" ({pretrained[0] - base[0]:+.3f})"
-                    values.append(_format(pretrained) + delta)
-                lines.append(f"| {method_name(method)} | {report.network(arch)} | {init} | " + " | ".join(values) + " |")
+                for fraction in fractions:
+                    difference = added.get((method, arch, init, fraction))
+                    values.append(_cell(report, groups.get((method, arch, init, fraction), []), metric)
+                                  + (f"; Δ {_difference(difference)}" if difference else ""))
+                lines.append(f"| {method_name(method)} | {report.network(arch)} | {init} | "
+                             + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def clear_gain(pretrained: Stats, start: Stats) -> bool:
-    """Whether a readout is clearly above its starting point: at least two seeds each, and the difference
-    of the means larger than either spread over seeds (one seed cannot tell a gain from subset noise)."""
-    (mean, std, n), (base_mean, base_std, base_n) = pretrained, start
-    return min(n, base_n) >= 2 and mean - base_mean > max(std, base_std)
+def _difference(row: Row) -> str:
+    """A comparison row as ``+0.123 [+0.050, +0.190] above``."""
+    if row["diff"] is None or row["low"] is None:
+        return "undefined"
+    return f"{_format_interval(Interval(row['diff'], row['low'], row['high']), '+')} {row['verdict']}"
 
 
-def readout_verdict(report: Report, mode: str, metric: str = "macro_f1") -> str:
-    """The networks whose readout is not clearly above their starting point, by name and label fraction:
-    the table's verdict said in words, so that a reader does not take a within-noise difference for a gain."""
-    stats = _readout_stats(report, mode, metric)
-    unclear = []
-    for method in (m for m in report.cfg.methods if is_self_supervised(m)):
-        for arch in report.cfg.archs:
-            for init in (i.name for i in report.cfg.inits):
-                fractions = [f for f in report.cfg.label_fractions if (method, arch, init, f) in stats
-                             and not clear_gain(stats[(method, arch, init, f)],
-                                                stats.get((STARTING_POINT, arch, init, f), NOT_RUN))]
-                if fractions:
-                    unclear.append(f"{method_name(method)} {report.network(arch)} from {init} at "
-                                   + ", ".join(_fraction(f) for f in fractions))
-    if not unclear:
-        return "Every pretrained network is clearly above its starting point (by more than either spread over seeds)."
-    return ("**Not clearly above the starting point** (difference of the means not larger than the spread over "
-            "seeds, or fewer than two seeds): " + "; ".join(unclear) + ".")
+def pretraining_added_verdict(report: Report, mode: str, metric: str = "macro_f1") -> str:
+    """The networks whose readout is not above their starting point by the paired interval, by name and label
+    fraction: the table's verdict said in words, so that no one takes a within-noise difference for a gain."""
+    rows = [r for r in report.comparisons
+            if r["comparison"] == PRETRAINING_ADDED and r["mode"] == mode and r["metric"] == metric]
+    if not rows:
+        return "No paired difference yet: no readout finished with kept predictions on both sides."
+    missed = [f"{method_name(r['a'])} {report.network(r['arch'])} from {r['init']} at {_fraction(r['label_fraction'])} "
+              f"({r['verdict']})" for r in rows if r["verdict"] != ABOVE]
+    if not missed:
+        return "Every pretrained network is above its starting point (the paired 95 % interval lies above 0)."
+    return "**Not above the starting point** (the paired 95 % interval reaches 0 or below): " + "; ".join(missed) + "."
 
 
 def _section_readouts(report: Report) -> str:
@@ -547,18 +604,60 @@ def _section_readouts(report: Report) -> str:
     text = ["## What pretraining added",
             "Each pretrained network read out on frozen features, against the same network at its starting point "
             "(its initialisation, before any pretraining), with the same labelled images. Test-split macro-F1, "
-            "mean ± std over "
-            f"seeds {report.cfg.seeds}; in brackets the difference from the starting point. A method whose "
-            "difference is not clearly positive did not learn features this readout can use."]
+            f"the mean over seeds {report.cfg.seeds}, {report.interval_caption()}; after Δ the paired difference from "
+            "the starting point (same test images, labelled subsets and seeds) with its interval and verdict. A "
+            "method whose difference is not above 0 did not learn features this readout can use."]
     for mode in report.cfg.readouts:
-        name = READOUT_NAMES[mode].format(k=report.cfg.finetune.knn_k)
-        text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode), readout_verdict(report, mode)]
+        name = readout_name(mode, report.cfg.finetune)
+        text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode),
+                 pretraining_added_verdict(report, mode)]
     return "\n\n".join(text)
 
 
-SECTIONS = (_section_overview, _section_readouts, _section_reading_guide, _section_results, _section_fraction_curves,
-            _section_pretraining_curves, _section_time, _section_robustness, _section_confusion,
-            _section_explanations, _section_reproduce)
+VERDICT_STYLES = {ABOVE: ("tab:green", "o"), UNRESOLVED: ("tab:gray", "D"), BELOW: ("tab:red", "s")}
+"""Forest-plot colour and marker of each verdict."""
+MODE_LABELS = {"full": "fine-tuned", "linear": "linear probe", "knn": "k-NN", "logistic": "logistic probe"}
+
+
+def _comparison_label(report: Report, row: Row) -> str:
+    """``CASS − starting point, CNN, k-NN, 10%`` (and the init when the experiment has several)."""
+    names = ["starting point" if m == STARTING_POINT else method_name(m) for m in (row["a"], row["b"])]
+    parts = [" − ".join(names), ARCH_NAMES[row["arch"]], MODE_LABELS.get(row["mode"], row["mode"]),
+             _fraction(row["label_fraction"])]
+    if len(report.cfg.inits) > 1:
+        parts.insert(2, row["init"])
+    return ", ".join(parts)
+
+
+def _section_comparisons(report: Report, metric: str = "macro_f1") -> str:
+    """The stated comparisons first: a forest plot of the paired differences, then one verdict per line."""
+    rows = [r for r in report.comparisons if r["metric"] == metric]
+    if not rows:
+        return ("## Stated comparisons\n\nNone yet: no comparison has finished cells with kept per-image test "
+                "predictions on both sides.")
+    path, image = report.figure("comparisons.png", "paired differences with their 95 % intervals")
+    bounds = [[float("nan") if r[k] is None else r[k] for k in ("diff", "low", "high")] for r in rows]
+    plot_forest([ForestRow(_comparison_label(report, r), *b, r["verdict"]) for r, b in zip(rows, bounds, strict=True)],
+                VERDICT_STYLES, path, f"difference of test {METRIC_NAMES[metric]} (a − b)")
+    spans = sorted({r["covers"] for r in rows})
+    return "\n\n".join([
+        "## Stated comparisons",
+        f"Each row is a paired difference of test {METRIC_NAMES[metric]}, a − b: the mean over seeds of a minus "
+        "that of b, on the same test images, labelled subsets and seeds. Bars: 95 % interval, a bootstrap over "
+        f"{' / '.join(spans)}; {REPLICATES} replicates, each drawing test images and seeds with replacement, the "
+        "same draw for a and b. **above**: the whole interval is above 0 (a is better); **below**: below 0 (b is "
+        "better); **unresolved**: the interval contains 0, so this experiment cannot tell. Readouts are compared "
+        "with the network's starting point, fine-tuned networks with the supervised baseline. "
+        f"`{COMPARISONS_CSV}` holds every comparison, with accuracy and AUROC too.",
+        image,
+        "\n".join(f"- {_comparison_label(report, r)}: {_difference(r)} ({r['n_seeds']} seed(s), "
+                  f"{r['n_test_images']} test images)" for r in rows),
+    ])
+
+
+SECTIONS = (_section_overview, _section_comparisons, _section_readouts, _section_reading_guide, _section_results,
+            _section_fraction_curves, _section_pretraining_curves, _section_time, _section_robustness,
+            _section_confusion, _section_explanations, _section_reproduce)
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
@@ -584,6 +683,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not report.rows:
         raise ConfigError(f"{run_dir}: no finished cell in {RESULTS_JSON} yet; run `cass experiment` first")
     md_text = "\n\n".join(section(report) for section in SECTIONS) + "\n"
+    write_comparisons(report.run_dir, report.comparisons)
     report_dir = report.figures.parent
     md_path, html_path = report_dir / "report.md", report_dir / "report.html"
     atomic_write_text(md_path, md_text)

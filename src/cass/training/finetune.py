@@ -1,13 +1,16 @@
 """Fine-tuning and probing with a fraction of the labels (SPEC §1 downstream, §2).
 
-Three modes share data, subsets and metrics: ``full`` (the paper's protocol: a new linear head, the
+Four modes share data, subsets and metrics: ``full`` (the paper's protocol: a new linear head, the
 whole network trained with Adam 3e-4 and cosine decay to 1e-6, early stopping on the selection split's
-macro-F1, best model kept), ``linear`` (only the head is trained, the backbone frozen) and ``knn``
-(cosine k-NN on frozen features, no training). ``source=scratch`` is the supervised baseline.
+macro-F1, best model kept), ``linear`` (only the head is trained, the backbone frozen), and the two
+readouts of frozen features (:mod:`cass.evaluation.readouts`), whose one setting is chosen on the
+selection split: ``knn`` (cosine k-NN, k) and ``logistic`` (L2 logistic regression, C).
+``source=scratch`` is the supervised baseline.
 
 A finished run directory is a *model directory*: ``model.safetensors`` (timm weights whose metadata
-name the network, classes and input size), ``metrics.json``, ``history.csv``, ``subset.csv`` (the
-labelled files used) and ``config.yaml``; its resume state is deleted once it finishes.
+name the network, classes and input size), ``metrics.json``, ``test_predictions.csv`` (per test image:
+target, prediction, probabilities; kept in every mode), ``history.csv``, ``subset.csv`` (the labelled
+files used) and ``config.yaml``; its resume state is deleted once it finishes.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
@@ -37,14 +41,23 @@ from cass.data.cache import readable_images
 from cass.data.dataset import ImageSet
 from cass.data.loaders import image_loader
 from cass.data.sources import DataError
+from cass.data.splits import three_roles
+from cass.data.subsets import label_fraction_indices, save_subset
 from cass.data.transforms import cass_augmentation, eval_transform
-from cass.evaluation.features import extract_features, fit_knn, knn_logits
+from cass.evaluation.features import extract_features
 from cass.evaluation.losses import class_weights, create_loss
-from cass.evaluation.metrics import ClassificationMetrics
-from cass.evaluation.splits import three_roles
-from cass.evaluation.subsets import label_fraction_indices, save_subset
+from cass.evaluation.metrics import ClassificationMetrics, recording_predictions
+from cass.evaluation.predictions import save_predictions
+from cass.evaluation.readouts import (
+    READOUT_FILES,
+    Readout,
+    choose_on_selection,
+    knn_candidates,
+    logistic_candidates,
+    readout_scores,
+)
 from cass.methods.registry import method_class
-from cass.models.factory import Network, create_network
+from cass.models.factory import Network, create_network, shape_options
 from cass.models.weights import load_state_dict_file
 from cass.training.fabric import make_fabric
 from cass.training.failures import check_finite_loss
@@ -55,18 +68,18 @@ from cass.utils.rundir import (
     CHECKPOINT,
     CONFIG,
     HISTORY,
-    KNN_BANK,
     MODEL,
+    PREDICTIONS,
     SCORES,
     MetricsFile,
 )
-from cass.utils.schedules import cosine_lambda
+from cass.utils.schedules import cosine_lambda, step_decay_lambda
 from cass.utils.version import VERSION
 
 STATE = CHECKPOINT
 
 
-MODES = ("full", "linear", "knn")
+MODES = ("full", "linear", "knn", "logistic")
 
 
 @dataclass
@@ -78,6 +91,23 @@ class Backbone:
     weights: str | None
     img_size: int | None
     role: str
+    cnn_stem: str = "timm"
+    vit_patch_size: int | None = None
+
+
+SCHEDULES = ("cosine", "step")
+SELECT_METRICS = ("macro_f1", "auroc", "accuracy")
+AUGMENTATIONS = {"paper": cass_augmentation, "none": eval_transform}
+"""Training-time transforms by name: the paper's single CASS view, or resize only (MedMNIST v2's recipe)."""
+
+
+def check_recipe(cfg: FinetuneConfig) -> None:
+    """Refuse an unknown schedule, selection metric or augmentation by its option, before any data is read."""
+    for flag, value, allowed in (("--schedule", cfg.schedule, SCHEDULES),
+                                 ("--select-metric", cfg.select_metric, SELECT_METRICS),
+                                 ("--augment", cfg.augment, tuple(AUGMENTATIONS))):
+        if value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def check_source(cfg: FinetuneConfig) -> None:
@@ -109,16 +139,17 @@ def resolve_backbone(cfg: FinetuneConfig) -> Backbone:
             arch = pre.arch
         arch = arch or "cnn"
         name = pre.cnn if arch == "cnn" else pre.vit
-        return Backbone(name, str(source), None, cfg.img_size or pre.img_size, arch)
+        return Backbone(name, str(source), None, cfg.img_size or pre.img_size, arch, pre.cnn_stem, pre.vit_patch_size)
     arch = cfg.arch or "cnn"
     name = cfg.cnn if arch == "cnn" else cfg.vit
-    return Backbone(name, cfg.source, cfg.weights, cfg.img_size, arch)
+    return Backbone(name, cfg.source, cfg.weights, cfg.img_size, arch, cfg.cnn_stem, cfg.vit_patch_size)
 
 
 def build_classifier(backbone: Backbone, num_classes: int) -> Network:
     """The pretrained network with its head replaced by a fresh linear layer to the classes."""
     net = create_network(backbone.name, init=backbone.init, weights=backbone.weights,
-                         num_outputs=num_classes, img_size=backbone.img_size, role=backbone.role)
+                         num_outputs=num_classes, img_size=backbone.img_size, role=backbone.role,
+                         **shape_options(backbone.role, backbone.cnn_stem, backbone.vit_patch_size))
     net.reset_head(num_classes)
     return net
 
@@ -138,6 +169,7 @@ def _model_info(cfg: FinetuneConfig, backbone: Backbone, net: Network, images: I
         "classes": json.dumps(images.classes),
         "multilabel": json.dumps(images.multilabel),
         "img_size": str(net.input_size),
+        **net.shape_info(),
         "mode": cfg.mode,
         "cass_version": VERSION,
     }
@@ -147,6 +179,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     """Fine-tune or probe one network on ``cfg.label_fraction`` of the train labels; returns the model dir."""
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    check_recipe(cfg)
     check_source(cfg)
     out = Path(cfg.out)
     if resume and finished(out):
@@ -178,19 +211,22 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     fabric.print(f"{cfg.mode} {backbone.role} {backbone.name} from {backbone.init}: {len(labelled)} labelled images "
                  f"({cfg.label_fraction:.0%}), {len(selection)} selection (val) images, {len(test)} test images, "
                  f"{net.input_size} px")
-    if cfg.mode == "knn":
-        score = _knn(cfg, fabric, net, labelled, out, info)
-        chosen_on = score(selection)  # nothing is selected with k-NN; its selection scores are for reference
+    if cfg.mode in READOUT_FILES:
+        readout = _knn if cfg.mode == "knn" else _logistic
+        score, chosen_on = readout(cfg, fabric, net, labelled, selection, out, info)
     else:
         chosen_on = _train(cfg, fabric, net, labelled, selection, out, info, resume)
         score = _best_model_scorer(cfg, fabric, net, out, labelled)
-    reported = score(test)
+    with recording_predictions() as recorder:  # per test image, for the paired intervals of an experiment
+        reported = score(test)
+    save_predictions(out / PREDICTIONS, test.keys, recorder.only())  # before the scores: they mark it finished
     metrics = {**reported, "split": "test", "epoch": chosen_on.get("epoch"), "steps": chosen_on.get("steps"),
+               **({"readout": chosen_on.pop("readout")} if "readout" in chosen_on else {}),  # k or C, chosen
                "selection": {**chosen_on, "split": "val"}}
     atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
     (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
     if not cfg.save_model:
-        for name in (MODEL, KNN_BANK):
+        for name in (MODEL, *READOUT_FILES.values()):
             (out / name).unlink(missing_ok=True)
     fabric.print(f"test macro-F1 {metrics['macro_f1']:.4f} (selection macro-F1 {chosen_on['macro_f1']:.4f}, "
                  f"best evaluation {metrics.get('epoch') or '-'}); model directory: {out}")
@@ -222,7 +258,7 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
            info: dict[str, str], resume: bool) -> dict[str, Any]:
     """The training loop of ``full`` and ``linear``: ``cfg.epochs`` evaluations on the selection split at most,
     at least ``cfg.min_steps`` optimiser steps in all, early stopping after ``patience`` evaluations
-    without a better selection macro-F1; the best evaluation's weights are kept in ``model.safetensors``."""
+    without a better selection ``select_metric`` (macro-F1 by default); the best evaluation's weights are kept in ``model.safetensors``."""
     if cfg.mode == "linear":
         for p in net.parameters():
             p.requires_grad_(False)
@@ -231,17 +267,18 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
     params = [p for p in net.parameters() if p.requires_grad]
     batch = labelled_batch_size(cfg.batch_size, len(labelled))
     workers = cfg.data.num_workers  # None: automatic for the data path in use
-    train_loader = image_loader(labelled, cass_augmentation(net.input_size), batch, cfg.seed, True, workers)
+    train_loader = image_loader(labelled, AUGMENTATIONS[cfg.augment](net.input_size), batch, cfg.seed, True, workers)
     val_loader = image_loader(selection, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, workers)
     passes = passes_per_evaluation(cfg.epochs, cfg.min_steps, len(train_loader))
     total_steps = cfg.epochs * passes * len(train_loader)
     optimizer = Adam(params, lr=cfg.lr, fused=True)
-    scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr))
+    scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr) if cfg.schedule == "cosine"
+                         else step_decay_lambda(total_steps))
     weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
     loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)
     metrics = ClassificationMetrics(labelled.classes, labelled.multilabel)
 
-    progress = {"epoch": 0, "step": 0, "best_f1": -1.0, "best_epoch": 0, "stale": 0, "stopped": False}
+    progress = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "stale": 0, "stopped": False}
     best: dict[str, Any] = {}
     saved: dict[str, Any] | None = None
     if resume and (out / STATE).exists():
@@ -285,9 +322,11 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
                           resume=f"rerun the same command with --resume (--out {out})")
         val_loss, scores = _validate(net, val_loader, loss_fn, metrics, fabric.device)
         progress["epoch"] = evaluation + 1
-        improved = scores["macro_f1"] > progress["best_f1"]
+        value = scores.get(cfg.select_metric)  # AUROC is None on a selection split with one class
+        score = float("-inf") if value is None else value
+        improved = score > progress["best_score"] or progress["best_epoch"] == 0
         if improved:
-            progress.update(best_f1=scores["macro_f1"], best_epoch=evaluation + 1, stale=0)
+            progress.update(best_score=score, best_epoch=evaluation + 1, stale=0)
             best = {**scores, "epoch": evaluation + 1, "steps": progress["step"], "val_loss": val_loss}
             save_weights(out / MODEL, net.model.state_dict(), info)
         else:
@@ -298,14 +337,16 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
                         **{k: scores[k] for k in ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc")
                            if k in scores}})
         fabric.print(f"evaluation {evaluation + 1}/{cfg.epochs} (step {progress['step']})  train loss {mean_train:.4f}  "
-                     f"val loss {val_loss:.4f}  val macro-F1 {scores['macro_f1']:.4f}{'  (best)' if improved else ''}")
+                     f"val loss {val_loss:.4f}  val macro-F1 {scores['macro_f1']:.4f}"
+                     + ("" if cfg.select_metric == "macro_f1" else f"  val {cfg.select_metric} {score:.4f}")
+                     + ("  (best)" if improved else ""))
         progress["stopped"] = stop = progress["stale"] >= cfg.patience
         save_checkpoint(out / STATE, {"net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scheduler": scheduler.state_dict(), "progress": progress,
                                       "best": json.dumps(best), "rng": rng_state()},
                         {"config": (out / CONFIG).read_text()})
         if stop:
-            fabric.print(f"early stop: no better validation macro-F1 for {cfg.patience} evaluations")
+            fabric.print(f"early stop: no better validation {cfg.select_metric} for {cfg.patience} evaluations")
             break
     return best
 
@@ -342,23 +383,49 @@ def _validate(net: Any, loader: DataLoader, loss_fn: Any, metrics: Classificatio
     return total / count, metrics.compute()
 
 
-def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, out: Path,
-         info: dict[str, str]) -> Callable[[ImageSet], dict[str, Any]]:
-    """Cosine k-NN on frozen features (scikit-learn): saves the bank (so the model can predict) and
-    returns what scores an image set with it."""
+Scorer = Callable[[ImageSet], dict[str, Any]]
+
+
+def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
+         info: dict[str, str]) -> tuple[Scorer, dict[str, Any]]:
+    """Cosine k-NN on frozen features, k chosen on the selection split from ``knn_ks`` (or ``knn_k``)."""
     if labelled.multilabel:
-        raise ConfigError("--mode knn supports single-label classes only; use --mode linear for multi-label data")
-    workers = cfg.data.num_workers
-    bank = extract_features(net, labelled, net.input_size, cfg.batch_size, fabric.device, workers)
+        raise ConfigError("--mode knn supports single-label classes only; use --mode logistic for multi-label data")
+    ks = cfg.knn_ks if cfg.knn_k is None else [cfg.knn_k]
+    if not ks:
+        raise ConfigError("--knn-ks (knn_ks) lists no k: give at least one, or a fixed --knn-k")
+    return _readout(cfg, fabric, net, labelled, selection, out, info, "k",
+                    lambda bank: knn_candidates(bank, labelled.targets, ks, len(labelled.classes)))
+
+
+def _logistic(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
+              info: dict[str, str]) -> tuple[Scorer, dict[str, Any]]:
+    """L2 logistic regression on frozen, standardised features (one-vs-rest for multi-label data), C chosen
+    on the selection split from ``logistic_cs``."""
+    if not cfg.logistic_cs:
+        raise ConfigError("--logistic-cs (logistic_cs) lists no C: give at least one")
+    return _readout(cfg, fabric, net, labelled, selection, out, info, "c",
+                    lambda bank: logistic_candidates(bank, labelled.targets, cfg.logistic_cs,
+                                                     len(labelled.classes), labelled.multilabel))
+
+
+def _readout(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
+             info: dict[str, str], setting: str,
+             candidates: Callable[[np.ndarray], Iterable[tuple[float, Readout]]]) -> tuple[Scorer, dict[str, Any]]:
+    """Fit every candidate of the grid on the labelled images' features, keep the best on the selection
+    split's (each extracted once), save it beside the network (so the model directory predicts) and return
+    what scores an image set with it, with the chosen candidate's selection scores and ``readout`` record."""
+    def features(images: ImageSet) -> np.ndarray:
+        return extract_features(net, images, net.input_size, cfg.batch_size, fabric.device, cfg.data.num_workers)
+
+    choice = choose_on_selection(candidates(features(labelled)), features(selection), selection.targets,
+                                 selection.classes, selection.multilabel)
     save_weights(out / MODEL, net.model.state_dict(), info)
-    save_weights(out / KNN_BANK, {"features": torch.from_numpy(bank), "targets": torch.from_numpy(labelled.targets)},
-                 {"k": str(cfg.knn_k)})
-    knn = fit_knn(bank, labelled.targets, cfg.knn_k)
+    choice.readout.save(out / READOUT_FILES[cfg.mode])
+    fabric.print(f"{cfg.mode} readout: {setting} = {choice.value:g}, chosen on the selection split "
+                 f"(macro-F1 {choice.scores['macro_f1']:.4f})")
 
     def score(images: ImageSet) -> dict[str, Any]:
-        features = extract_features(net, images, net.input_size, cfg.batch_size, fabric.device, workers)
-        metrics = ClassificationMetrics(images.classes, multilabel=False)
-        metrics.update(knn_logits(knn, features, len(images.classes)), torch.as_tensor(images.targets))
-        return metrics.compute()
+        return readout_scores(choice.readout, features(images), images.targets, images.classes, images.multilabel)
 
-    return score
+    return score, {**choice.scores, "readout": choice.record(setting)}

@@ -22,7 +22,8 @@ from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from cass.config import ConfigError, PretrainConfig, load_yaml, merge, save_yaml
-from cass.evaluation.diagnostics import CollapseMonitor
+from cass.evaluation.diagnostics import DIAGNOSTIC_SUFFIXES, CollapseMonitor
+from cass.evaluation.online import OnlineChecks
 from cass.methods.base import PretrainMethod, Progress
 from cass.methods.registry import create_method
 from cass.training.fabric import (
@@ -32,7 +33,7 @@ from cass.training.fabric import (
     prepare_model,
 )
 from cass.training.failures import check_finite_loss
-from cass.training.pretrain_data import build_train_data
+from cass.training.pretrain_data import TrainData, build_train_data
 from cass.training.step import LossDisplay, Stepper
 from cass.training.swa import SWA
 from cass.utils.checkpoint import (
@@ -42,7 +43,7 @@ from cass.utils.checkpoint import (
     save_weights,
 )
 from cass.utils.rng import rng_state, set_rng_state
-from cass.utils.rundir import CHECKPOINT, CONFIG, METRICS, MetricsFile
+from cass.utils.rundir import CHECKPOINT, CONFIG, METRICS, START, MetricsFile, numeric_rows
 from cass.utils.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
 
     The run directory holds ``config.yaml`` (resolved), ``checkpoint.safetensors`` (full state, written
     after every epoch), ``<role>.safetensors`` (plain timm weights of each exported network),
-    ``metrics.csv`` (loss, lr, collapse diagnostics, time, img/s, peak memory per epoch) and
-    ``tensorboard/``. With ``resume=True`` it continues from the checkpoint in ``cfg.out``.
+    ``metrics.csv`` (loss, lr, collapse diagnostics, backbone checks, time, img/s, peak memory per epoch),
+    ``start.csv`` (the backbone checks before the first step) and ``tensorboard/``. With ``resume=True`` it
+    continues from the checkpoint in ``cfg.out``.
     """
     run_dir = Path(cfg.out)
     checkpoint_path = run_dir / CHECKPOINT
@@ -112,6 +114,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     # Not fabric.setup_dataloaders: its wrapper calls sampler.set_epoch with its own counter, which
     # restarts at 0 after a resume and would replay the first epoch's order.
     metrics = MetricsFile(run_dir / METRICS, state.epoch) if fabric.is_global_zero else None
+    start_row = MetricsFile(run_dir / START, 0 if resume else -1) if fabric.is_global_zero else None
+    checks = _online_checks(cfg, data, method) if fabric.is_global_zero else None
+    if checks is not None and not resume:
+        start_row.append(_start_row(fabric, cfg, checks, method))
     monitor = CollapseMonitor(cfg.diagnostics_samples)
     show_loss = LossDisplay(fabric.device)
 
@@ -163,8 +169,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             "device_time_s": epoch_time * fabric.world_size,
             "peak_memory_mb": peak_memory_mb(fabric.device),
         }
+        warnings = []
+        if checks is not None:  # process 0 only: the others wait at the barrier below
+            row.update(_measure(fabric, cfg, checks, method, state.epoch))
+            history = numeric_rows(start_row.rows + metrics.rows) + [row]
+            warnings = type(method).learning_warnings(history, cfg)
         fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
-        _report_epoch(fabric, row, cfg, type(method).learning_warnings(row, cfg), list(stat_sums))
+        _report_epoch(fabric, row, cfg, warnings, list(stat_sums))
         if state.epoch == cfg.epochs and swa is not None:
             for averaged in swa.models.values():
                 update_bn((data.augment(fabric.to_device(views)) for views, _, _ in data.loader), averaged)
@@ -175,13 +186,44 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
+def _online_checks(cfg: PretrainConfig, data: TrainData, method: PretrainMethod) -> OnlineChecks:
+    """The run's fixed images: ``diagnostics_samples`` train images (the k-NN bank) and, with labels, up to
+    :data:`~cass.evaluation.online.SELECTION_IMAGES` selection images, both chosen by the run's seed."""
+    return OnlineChecks.sample(data.roles.train, data.roles.selection, cfg.diagnostics_samples, method.img_size,
+                               cfg.seed, cfg.batch_size, cfg.data.skip_bad_images)
+
+
+def _measure(fabric: Fabric, cfg: PretrainConfig, checks: OnlineChecks, method: PretrainMethod,
+             epoch: int) -> dict[str, float]:
+    """The backbone checks of the exported networks after ``epoch`` epochs (0: the start), under the run's
+    precision; the k-NN at the start, every ``knn_every`` epochs and at the last epoch.
+
+    With SWA these are the trained networks, not their running average (whose BatchNorm statistics are only
+    recomputed at the end).
+    """
+    knn = cfg.knn_every > 0 and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs)
+    with fabric.autocast():
+        return checks.measure(method.networks(), fabric.device, knn)
+
+
+def _start_row(fabric: Fabric, cfg: PretrainConfig, checks: OnlineChecks, method: PretrainMethod) -> dict[str, Any]:
+    """Epoch 0 of the backbone and k-NN curves: the networks as initialised, before any step."""
+    row = {"epoch": 0, **_measure(fabric, cfg, checks, method, 0)}
+    fabric.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=0)
+    fabric.print("  ".join([f"epoch 0/{cfg.epochs} (start)", *_diagnostics_text(row, [])]))
+    return row
+
+
+def _diagnostics_text(row: dict[str, Any], stats: list[str]) -> list[str]:
+    """``key value`` for every learning diagnostic of a row and the method's own statistics ``stats``."""
+    return [f"{key} {value:.3f}" for key, value in row.items() if key.endswith(DIAGNOSTIC_SUFFIXES) or key in stats]
+
+
 def _report_epoch(fabric: Fabric, row: dict[str, Any], cfg: PretrainConfig, warnings: list[str],
                   stats: list[str]) -> None:
     """One console line per epoch with the learning diagnostics, then the method's warnings."""
     parts = [f"epoch {row['epoch']}/{cfg.epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}"]
-    for key, value in row.items():
-        if key.endswith("_output_std") or key.endswith("_effective_rank") or key in stats:
-            parts.append(f"{key} {value:.3f}")
+    parts += _diagnostics_text(row, stats)
     parts.append(f"{row['images_per_s']:.1f} img/s")
     fabric.print("  ".join(parts))
     for warning in warnings:
@@ -219,7 +261,7 @@ def _save(
         save_weights(
             run_dir / f"{role}.safetensors",
             weights.model.state_dict(),
-            {**info, "role": role, "timm_name": net.name, "epoch": str(state.epoch), "swa": str(use_swa)},
+            {**info, **net.shape_info(), "role": role, "timm_name": net.name, "epoch": str(state.epoch), "swa": str(use_swa)},
         )
     save_checkpoint(run_dir / CHECKPOINT, full, info)
 

@@ -23,7 +23,7 @@ from cass.data.cache import open_cache, wants_cache
 from cass.data.dataset import ImageDataset, ImageSet
 from cass.data.device_augment import DeviceAugment, UnsupportedAugmentation
 from cass.data.loaders import resolve_workers
-from cass.evaluation.splits import Roles, three_roles
+from cass.data.splits import Roles, three_roles
 from cass.methods.base import PretrainMethod
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class TrainData:
 
 
 def build_train_data(cfg: PretrainConfig, method: PretrainMethod, fabric: Fabric) -> TrainData:
-    """The training split, without any test or selection images carved from it (:mod:`cass.evaluation.splits`),
+    """The training split, without any test or selection images carved from it (:mod:`cass.data.splits`),
     through the data path ``cfg.data.path`` chooses (the same in every process)."""
     roles = three_roles(cfg.data)
     augment = _device_augment(cfg, method, roles.train)

@@ -129,3 +129,46 @@ def plot_heatmaps(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+@dataclass
+class ForestRow:
+    """One difference of a forest plot: its label, point estimate and interval, and its kind (the legend
+    entry that picks its colour and marker, e.g. a verdict)."""
+
+    label: str
+    estimate: float
+    low: float
+    high: float
+    kind: str
+
+
+def plot_forest(
+    rows: Sequence[ForestRow], styles: dict[str, tuple[str, str]], path: str | Path, xlabel: str, title: str = ""
+) -> Path:
+    """One row per difference, top to bottom in the given order: the point estimate with its interval as a
+    horizontal bar, a line at 0 (no difference), colour and marker by kind (``styles[kind] = (colour,
+    marker)``), so the reader sees at once which intervals exclude 0."""
+    fig, ax = plt.subplots(figsize=(9, 1.1 + 0.28 * len(rows)))
+    positions = np.arange(len(rows))[::-1]
+    for kind, (colour, marker) in styles.items():
+        chosen = [(y, row) for y, row in zip(positions, rows, strict=True) if row.kind == kind]
+        if not chosen:
+            continue
+        ys = [y for y, _ in chosen]
+        estimates = np.array([row.estimate for _, row in chosen])
+        errors = np.array([[row.estimate - row.low, row.high - row.estimate] for _, row in chosen]).T
+        ax.errorbar(estimates, ys, xerr=errors, fmt=marker, color=colour, ecolor=colour, capsize=3,
+                    markersize=6, label=kind)
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(positions, [row.label for row in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

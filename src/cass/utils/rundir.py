@@ -19,14 +19,22 @@ CHECKPOINT = "checkpoint.safetensors"
 """Full resume state (weights, optimisers, schedulers, RNG, progress); dropped once a fine-tuning finishes."""
 METRICS = "metrics.csv"
 """One row per pretraining epoch: loss, learning rate, learning diagnostics, time, img/s, memory."""
+START = "start.csv"
+"""One row, epoch 0: the learning checks of a pretraining run's networks before its first step, where the
+backbone and k-NN curves of ``metrics.csv`` start (kept apart so every row of ``metrics.csv`` is an epoch)."""
 HISTORY = "history.csv"
 """One row per fine-tuning evaluation: losses, selection-split scores, steps, time."""
 MODEL = "model.safetensors"
 """A fine-tuned (or probed) classifier: timm weights whose metadata name network, classes and size."""
 KNN_BANK = "knn_bank.safetensors"
 """The labelled features (and ``k``) of a k-NN classifier."""
+LOGISTIC_PROBE = "logistic_probe.safetensors"
+"""The standardisation (mean, scale), weights, bias (and ``C``) of a logistic-regression readout."""
 SCORES = "metrics.json"
 """The scores of a fine-tuned model directory (or of ``cass evaluate``)."""
+PREDICTIONS = "test_predictions.csv"
+"""Per test image of a fine-tuned model directory: target, prediction and class probabilities, kept so that
+every comparison can be bootstrapped over test images (``cass.evaluation.predictions``)."""
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -43,6 +51,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file (written by :func:`csv_text` or :class:`MetricsFile`)."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def numeric_rows(rows: list[dict[str, str]]) -> list[dict[str, float]]:
+    """CSV rows as numbers; a value a row did not measure (empty, e.g. a k-NN not run that epoch) is left out."""
+    return [{key: float(value) for key, value in row.items() if value not in ("", None)} for row in rows]
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """The learning record of a pretraining run, as numbers: its start row (epoch 0, when recorded), then one
+    row per finished epoch."""
+    paths = (Path(run_dir) / START, Path(run_dir) / METRICS)
+    return [row for path in paths if path.is_file() for row in numeric_rows(read_csv(path))]
 
 
 class MetricsFile:

@@ -22,3 +22,14 @@ def cosine(step: int, total_steps: int, start: float, end: float, warmup_steps: 
 def cosine_lambda(total_steps: int, base: float, end: float, warmup_steps: int = 0) -> Callable[[int], float]:
     """A ``LambdaLR`` factor: the cosine value divided by the base learning rate."""
     return lambda step: cosine(step, total_steps, base, end, warmup_steps) / base
+
+
+def step_decay_lambda(total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75),
+                      factor: float = 0.1) -> Callable[[int], float]:
+    """A ``LambdaLR`` factor multiplied by ``factor`` at each milestone (a fraction of ``total_steps``).
+
+    MedMNIST v2's recipe: x0.1 at epochs 50 and 75 of 100. Fractions rather than epochs keep the schedule
+    a closed form of the step, like :func:`cosine_lambda`.
+    """
+    bounds = [m * total_steps for m in milestones]
+    return lambda step: factor ** sum(step >= b for b in bounds)

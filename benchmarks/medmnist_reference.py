@@ -1,0 +1,165 @@
+"""The published MedMNIST v2 supervised rows, reproduced with cass's own fine-tuning engine (issue 19).
+
+MedMNIST v2 (Yang et al., Sci Data 2023, Table 3) trains "ResNet-18 (28)" from random init on the official
+28 px splits: Adam 1e-3, batch 128, 100 epochs, learning rate x0.1 at epochs 50 and 75, cross-entropy,
+no augmentation, the model chosen on validation AUC, reported on test (AUC and accuracy). "(28)" is a
+ResNet-18 whose first layer is a 3x3 stride-1 convolution without max-pool: ``--cnn-stem small``.
+
+Recipes (rows of ``summary.csv``):
+
+* ``medmnist-v2``: the recipe above, every evaluation one pass, no early stopping;
+* ``cass-default``: the same network with cass's own fine-tuning defaults (focal loss with inverse class
+  weights, the paper's augmentation, Adam 3e-4 with cosine decay, early stopping on selection macro-F1).
+
+Every run is a ``cass finetune`` model directory under ``--out`` (resumable: an interrupted run continues
+from its last evaluation, a finished one is skipped), so the script can be stopped and rerun at will;
+``--results`` receives ``runs.csv`` (one row per finished run, with wall and CPU seconds) and
+``summary.csv`` (mean and std over the finished seeds, beside the published row).
+
+    python benchmarks/medmnist_reference.py                        # both data sets, 3 seeds, both recipes
+    python benchmarks/medmnist_reference.py --datasets breastmnist --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cass import DataConfig, FinetuneConfig, finetune
+from cass.training.finetune import finished
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "medmnist"
+
+PUBLISHED = {  # MedMNIST v2, Table 3, ResNet-18 (28): test AUC, ACC (../shared/data/medmnist/PROVENANCE.md)
+    "breastmnist": (0.901, 0.863),
+    "pneumoniamnist": (0.944, 0.854),
+}
+MODEL = "resnet18 (small stem, 28 px)"
+
+RECIPES = {
+    "medmnist-v2": dict(epochs=100, batch_size=128, lr=1e-3, schedule="step", select_metric="auroc", augment="none",
+                        loss="ce", class_weights="none", min_steps=0, patience=100),
+    "cass-default": dict(),
+}
+"""Fine-tuning options per recipe, over the common ones in :func:`run_config` (``{}``: cass's defaults)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    recipe: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_{self.recipe}_seed{self.seed}"
+
+
+def run_config(run: Run, out: Path) -> FinetuneConfig:
+    """The ``cass finetune`` configuration of one run: supervised ResNet-18 (28) from random init."""
+    return FinetuneConfig(
+        data=DataConfig(data=str(DATA / f"{run.dataset}.npz")), source="scratch", arch="cnn", cnn="resnet18",
+        cnn_stem="small", img_size=28, seed=run.seed, out=str(out / run.name), accelerator="cpu",
+        **RECIPES[run.recipe],
+    )
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (data-loading workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_one(run: Run, out: Path, timings: Path) -> None:
+    """Train (or resume) one run; its wall and CPU seconds are appended to ``timings`` when it finishes here."""
+    model_dir = out / run.name
+    if finished(model_dir):
+        return
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    finetune(run_config(run, out), resume=model_dir.exists())
+    record = {"run": run.name, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+    with timings.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _timings(timings: Path) -> dict[str, dict[str, float]]:
+    """Per run, the sum over its sessions (a resumed run is timed in pieces)."""
+    total: dict[str, dict[str, float]] = {}
+    if timings.is_file():
+        for line in timings.read_text().splitlines():
+            rec = json.loads(line)
+            slot = total.setdefault(rec["run"], {"wall_s": 0.0, "cpu_s": 0.0})
+            slot["wall_s"] += rec["wall_s"]
+            slot["cpu_s"] += rec["cpu_s"]
+    return total
+
+
+def write_results(runs: list[Run], out: Path, results: Path) -> None:
+    """``runs.csv`` (finished runs) and ``summary.csv`` (mean/std over finished seeds, published row beside)."""
+    results.mkdir(parents=True, exist_ok=True)
+    times = _timings(out / "timings.jsonl")
+    rows = []
+    for run in runs:
+        if not finished(out / run.name):
+            continue
+        m = json.loads((out / run.name / "metrics.json").read_text())
+        rows.append({"dataset": run.dataset, "recipe": run.recipe, "seed": run.seed, "test_auc": m["auroc"],
+                     "test_acc": m["accuracy"], "test_macro_f1": m["macro_f1"], "val_auc": m["selection"]["auroc"],
+                     "best_evaluation": m["epoch"], "steps": m["steps"], **times.get(run.name, {})})
+    _write_csv(results / "runs.csv", rows)
+    summary = []
+    planned = {(r.dataset, r.recipe) for r in runs}
+    for dataset, recipe in sorted(planned):
+        done = [r for r in rows if (r["dataset"], r["recipe"]) == (dataset, recipe)]
+        n_planned = sum(1 for r in runs if (r.dataset, r.recipe) == (dataset, recipe))
+        auc, acc = [r["test_auc"] for r in done], [r["test_acc"] for r in done]
+        summary.append({
+            "dataset": dataset, "model": MODEL, "recipe": recipe, "seeds": f"{len(done)} of {n_planned}",
+            "test_auc": _mean(auc), "test_auc_std": _std(auc), "test_acc": _mean(acc), "test_acc_std": _std(acc),
+            "published_auc": PUBLISHED[dataset][0], "published_acc": PUBLISHED[dataset][1],
+        })
+    _write_csv(results / "summary.csv", summary)
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.4f}" if values else ""
+
+
+def _std(values: list[float]) -> str:
+    return f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "medmnist_reference")
+    parser.add_argument("--results", type=Path, default=REPO / "results" / "medmnist_reference")
+    args = parser.parse_args()
+    # Smaller data set first, and every seed of a recipe before the next: a stopped run leaves whole rows.
+    runs = [Run(d, r, s) for d in args.datasets for r in args.recipes for s in args.seeds]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        run_one(run, args.out, args.out / "timings.jsonl")
+        write_results(runs, args.out, args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The stated comparisons of an experiment: each a paired difference of a test metric with its 95 % interval
+over test images and seeds and a verdict (SPEC §2 "Uncertainty"), from the per-image test predictions
+every cell keeps (``test_predictions.csv``).
+
+What is compared, per network, initialisation, label fraction and mode (each readout, and the fine-tuning
+mode), on the base pretraining schedule (the sweeps are plotted, not stated): every pretrained method
+against its baseline (in a readout, the same network at its starting point: what pretraining added;
+fine-tuned, the supervised baseline) and against each method it claims to improve on (the method's
+``compared_with``: CASS against DINO, CASS-VICReg against CASS and DINO). A comparison pairs the seeds both
+sides finished, so an interrupted experiment states what it has and ``n_seeds`` says how much that is.
+
+Why in the experiment layer: the comparisons are results of the experiment, like ``results.csv``, and
+scripts read them without a report. ``cass experiment`` writes ``comparisons.csv``/``.json`` beside
+``results.csv`` when the grid is done (not after every cell: the bootstrap takes seconds per cell), and
+``cass report`` writes them again from the cells finished so far, so the file always matches the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cass.evaluation.intervals import Replicated, metric_names, paired_difference, replicate
+from cass.evaluation.predictions import Predictions, load_predictions
+from cass.experiment.config import STARTING_POINT, SUPERVISED, ExperimentConfig, is_self_supervised
+from cass.experiment.plan import plan
+from cass.experiment.results import CELL
+from cass.methods.registry import method_class
+from cass.utils.atomic import atomic_write_text
+from cass.utils.rundir import PREDICTIONS, csv_text
+
+COMPARISONS_CSV = "comparisons.csv"
+COMPARISONS_JSON = "comparisons.json"
+COMPARED_METRICS = ("macro_f1", "accuracy", "auroc")
+"""Macro-F1 (the primary metric), then accuracy and AUROC (multi-label data: macro-F1 and AUROC only)."""
+
+PRETRAINING_ADDED = "pretraining added"
+AGAINST_SUPERVISED = "against supervised"
+AGAINST_METHOD = "against another method"
+
+
+@dataclass(frozen=True)
+class Stated:
+    """One stated comparison ``a - b`` in one mode, before the grid's networks and fractions fill it in."""
+
+    comparison: str
+    a: str
+    b: str
+    mode: str
+
+
+def stated_comparisons(cfg: ExperimentConfig) -> list[Stated]:
+    """Every comparison the experiment states, in the order the report lists them."""
+    pretrained = [m for m in cfg.methods if is_self_supervised(m)]
+    found = []
+    for mode in dict.fromkeys([*cfg.readouts, cfg.finetune.mode]):
+        baselines = [(PRETRAINING_ADDED, STARTING_POINT)] if mode in cfg.readouts else []
+        if mode == cfg.finetune.mode and SUPERVISED in cfg.methods:
+            baselines.append((AGAINST_SUPERVISED, SUPERVISED))
+        for a in pretrained:
+            found += [Stated(kind, a, b, mode) for kind, b in baselines]
+            found += [Stated(AGAINST_METHOD, a, b, mode) for b in method_class(a).compared_with if b in pretrained]
+    return found
+
+
+def covers(cfg: ExperimentConfig, n_seeds: int) -> str:
+    """What an interval is a bootstrap over: pretraining seeds only when each seed had its own pretraining."""
+    if n_seeds < 2:
+        return "test images only (one seed)"
+    return ("test images, fine-tuning and pretraining seeds" if cfg.pretrain_per_seed
+            else "test images and fine-tuning seeds")
+
+
+class KeptPredictions:
+    """The kept test predictions of an experiment's cells, each read, and replicated per metric, once.
+
+    A report shows a cell in a table and in several comparisons; the image draws depend only on the test
+    set, so a cell's replicates are computed once and stay paired with every other cell's.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.finetune = Path(run_dir) / "finetune"
+        self._read: dict[str, Predictions | None] = {}
+        self._keys: tuple[str, list[str]] | None = None
+        self._replicated: dict[tuple[str, str], Replicated] = {}
+
+    def predictions(self, cell: str) -> Predictions | None:
+        """A cell's predictions (None when it kept none: a cell finished before cass kept them)."""
+        if cell not in self._read:
+            path = self.finetune / cell / PREDICTIONS
+            self._read[cell] = self._check_keys(cell, *load_predictions(path)) if path.is_file() else None
+        return self._read[cell]
+
+    def _check_keys(self, cell: str, keys: list[str], predictions: Predictions) -> Predictions:
+        """Every cell must have scored the same test images in the same order, or nothing can be paired."""
+        if self._keys is None:
+            self._keys = (cell, keys)
+        elif keys != self._keys[1]:
+            raise ValueError(f"{self.finetune / cell / PREDICTIONS} and {self.finetune / self._keys[0] / PREDICTIONS} "
+                             "list different test images: the cells come from different data or splits")
+        return predictions
+
+    def seeds(self, cells: Sequence[str], metric: str) -> list[Replicated] | None:
+        """``metric`` of each cell (one per seed) with its bootstrap replicates; None when a cell kept no
+        predictions or the task has no bootstrap of ``metric`` (see :func:`metric_names`)."""
+        found = [self.predictions(cell) for cell in cells]
+        if not found or any(p is None or metric not in metric_names(p.multilabel) for p in found):
+            return None
+        for cell, p in zip(cells, found, strict=True):
+            if (cell, metric) not in self._replicated:
+                self._replicated[(cell, metric)] = replicate(metric, p.targets, p.predicted, p.probabilities)
+        return [self._replicated[(cell, metric)] for cell in cells]
+
+
+Condition = tuple[str, str, str, float, str]
+"""(method, arch, init, label fraction, mode)."""
+
+
+def finished_cells(cfg: ExperimentConfig, run_dir: Path) -> dict[Condition, dict[int, str]]:
+    """The finished cells of the base pretraining schedule, by condition and seed."""
+    found: dict[Condition, dict[int, str]] = defaultdict(dict)
+    for cell in plan(cfg):
+        if cell.batch_size in (None, cfg.pretrain.batch_size) and cell.epochs in (None, cfg.pretrain.epochs) \
+                and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+            found[(cell.method, cell.arch, cell.init, cell.label_fraction, cell.mode)][cell.seed] = cell.name
+    return found
+
+
+def comparisons(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | None = None) -> list[dict[str, Any]]:
+    """One row per stated comparison, network, init, label fraction and metric that has cells on both sides."""
+    kept = kept or KeptPredictions(run_dir)
+    cells = finished_cells(cfg, run_dir)
+    rows = []
+    for s in stated_comparisons(cfg):
+        for arch in cfg.archs:
+            for init in (i.name for i in cfg.inits):
+                for fraction in cfg.label_fractions:
+                    a, b = (cells.get((m, arch, init, fraction, s.mode), {}) for m in (s.a, s.b))
+                    common = sorted(set(a) & set(b))
+                    for metric in COMPARED_METRICS:
+                        seeds_a, seeds_b = (kept.seeds([side[seed] for seed in common], metric) for side in (a, b))
+                        if seeds_a is None or seeds_b is None:
+                            continue
+                        result = paired_difference(seeds_a, seeds_b)
+                        rows.append({
+                            "comparison": s.comparison, "a": s.a, "b": s.b, "arch": arch, "init": init,
+                            "mode": s.mode, "label_fraction": fraction, "metric": metric,
+                            "a_mean": _number(np.mean([x.point for x in seeds_a])),
+                            "b_mean": _number(np.mean([x.point for x in seeds_b])),
+                            "diff": _number(result.estimate), "low": _number(result.low),
+                            "high": _number(result.high),
+                            "verdict": result.verdict, "n_seeds": len(common),
+                            "n_test_images": len(kept.predictions(a[common[0]])),
+                            "covers": covers(cfg, len(common)),
+                        })
+    return rows
+
+
+def _number(value: float) -> float | None:
+    """None for an undefined value (AUROC with one class), so the JSON stays strict."""
+    return None if np.isnan(value) else float(value)
+
+
+def write_comparisons(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``comparisons.csv`` and ``comparisons.json`` in the experiment directory."""
+    atomic_write_text(Path(run_dir) / COMPARISONS_JSON, json.dumps(rows, indent=2))
+    atomic_write_text(Path(run_dir) / COMPARISONS_CSV, csv_text(rows) if rows else "")
