@@ -295,3 +295,33 @@ def test_grad_cam_is_the_gradient_weighted_last_stage_of_the_predicted_class():
         cam = cv2.resize(np.float32(cam), (128, 128))
         expected.append((cam - cam.min()) / (cam.max() - cam.min() + 1e-7))
     np.testing.assert_allclose(grad_cam_maps(net, images), np.stack(expected), atol=1e-4)
+
+
+def test_did_not_learn_rests_on_the_backbone_and_the_readout_intervals():
+    """A collapsed backbone and readouts never above their starting point are 'did not learn', each naming its
+    measurement; a network with one readout above its start is not, whatever its other warnings say."""
+    from types import SimpleNamespace
+
+    from cass.evaluation.diagnostics import COLLAPSED
+    from cass.reporting.report import _did_not_learn
+
+    def added(method: str, arch: str, verdict: str, diff: float) -> dict:
+        return {"comparison": "pretraining added", "metric": "macro_f1", "a": method, "arch": arch, "init": "scratch",
+                "mode": "knn", "label_fraction": 0.1, "diff": diff, "low": diff - 0.02, "high": diff + 0.02,
+                "verdict": verdict}
+
+    runs = [{"method": "cass", "arch": "cnn+vit", "init": "scratch", "seed": 0,
+             "warnings": f"the vit {COLLAPSED}: std fell | the cnn backbone did not improve its k-NN"},
+            {"method": "dino", "arch": "vit", "init": "scratch", "seed": 0, "warnings": "DINO loss near ln K"}]
+    comparisons = [added("cass", "cnn", "below", -0.1), added("cass", "vit", "unresolved", 0.01),
+                   added("dino", "vit", "above", 0.05)]
+    cfg = SimpleNamespace(pretrain=SimpleNamespace(cnn="resnet18", vit="vit_tiny_patch16_224"))
+    report = SimpleNamespace(runs=runs, comparisons=comparisons, cfg=cfg,
+                             network=lambda arch: {"cnn": "CNN", "vit": "Transformer"}[arch])
+    lines = _did_not_learn(report)
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("**Did not learn (backbone):** CASS") and COLLAPSED in lines[0]
+    assert "k-NN" not in lines[0]  # the k-NN check is a warning, not a verdict
+    assert any("(readout):** CASS CNN" in line and "-0.100" in line for line in lines)
+    assert any("(readout):** CASS Transformer" in line and "unresolved" in line for line in lines)
+    assert not any("DINO" in line for line in lines)

@@ -87,6 +87,8 @@ CASS, whose backbone collapsed, but also from 67 to 9 under cass-vicreg and from
 k-NN rose (0.60 -> 0.65, 0.58 -> 0.63): a falling rank alone is a backbone dropping directions, not a
 collapse. The std is what separates them (0.03 of its start against 0.29 and 0.68)."""
 
+COLLAPSED = "backbone collapsed"
+"""Words every collapse warning carries, so the report can tell a collapse from the other learning checks."""
 KNN_MIN_GAIN = 0.02
 """Macro-F1 the online k-NN must gain over its value before training for the backbone to count as having
 learned: about one standard error of a macro-F1 on the few hundred selection images it is scored on, so a
@@ -124,12 +126,12 @@ def collapse_warnings(history: list[dict[str, float]], threshold: float) -> list
     for role in _roles(start, BACKBONE_STD):
         std, std0 = last.get(f"{role}_{BACKBONE_STD}"), start[f"{role}_{BACKBONE_STD}"]
         if std is not None and std < threshold * std0:
-            warnings.append(f"the {role} backbone collapsed: the std of its features on fixed train images fell "
+            warnings.append(f"the {role} {COLLAPSED}: the std of its features on fixed train images fell "
                             f"from {std0:.3f} before training to {std:.3f}, below {threshold:g} of it (every image "
                             "gets nearly the same features)")
         rank, rank0 = last.get(f"{role}_{BACKBONE_RANK}"), start[f"{role}_{BACKBONE_RANK}"]
         if rank is not None and rank < RANK_FLOOR:
-            warnings.append(f"the {role} backbone collapsed onto one direction: the effective rank of its features "
+            warnings.append(f"the {role} {COLLAPSED} onto one direction: the effective rank of its features "
                             f"on fixed train images is {rank:.2f} (below {RANK_FLOOR:g}; {rank0:.1f} before training)")
     return warnings
 

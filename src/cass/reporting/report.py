@@ -26,7 +26,7 @@ import torch
 from cass.config import ConfigError, FinetuneConfig, load_yaml
 from cass.data.splits import three_roles
 from cass.data.transforms import eval_transform
-from cass.evaluation.diagnostics import BACKBONE_RANK, BACKBONE_STD, KNN_F1, KNN_MIN_GAIN, RANK_FLOOR
+from cass.evaluation.diagnostics import BACKBONE_RANK, BACKBONE_STD, COLLAPSED, KNN_F1, KNN_MIN_GAIN, RANK_FLOOR
 from cass.evaluation.inference import load_classifier
 from cass.evaluation.intervals import ABOVE, BELOW, REPLICATES, UNRESOLVED, Interval, interval
 from cass.experiment.config import (
@@ -506,24 +506,22 @@ def _section_reading_guide(report: Report) -> str:
     cfg = report.cfg
     text = ["## Reading guide"]
     text += [s for arch in cfg.archs for init in (i.name for i in cfg.inits) if (s := _comparison(report, arch, init))]
-    if len(cfg.seeds) < 2:
-        text.append("One seed only: there is no error estimate, and differences of a few points may be noise.")
-    else:
-        text.append(f"Differences smaller than the standard deviation over the {len(cfg.seeds)} seeds are noise.")
-    text.append("A run is said not to have learned only from measurements of what it exports (`pretraining.csv`, "
-                "from each run's `metrics.csv` and `start.csv`): a backbone that collapsed (its feature std or "
-                "effective rank on fixed train images, see the learning checks), an online k-NN on the selection "
-                f"split that ended less than {KNN_MIN_GAIN:g} macro-F1 above its value before training, or the "
-                "method's own objective read over the whole run (DINO: a loss ending near ln K, or a loss or "
-                "teacher entropy rising back from its lowest). Each line names its measurement; a head's or "
-                "projector's output std decides nothing.")
+    text.append(f"Every stated difference is paired (same test images, labelled subsets and seeds) with a 95 % "
+                f"interval, a bootstrap over {covers(cfg, len(cfg.seeds))}; *unresolved* means "
+                "the interval contains 0: the data cannot tell the two apart, whatever the means say.")
+    text.append("**Did not learn** rests on two measurements of what a run exports, and each line says which: its "
+                "backbone collapsed (feature std on fixed train images below a fraction of its start, or effective "
+                f"rank below {RANK_FLOOR:g}: `metrics.csv`, `start.csv`), or no readout of that network lies above "
+                "its starting point (the paired intervals of *What pretraining added*). The other learning checks "
+                f"(an online k-NN on the selection split ending less than {KNN_MIN_GAIN:g} above its start; DINO's "
+                "loss near ln K or rising back from its lowest) are listed as warnings: they say what to look at, "
+                "not that the network is useless. A head's or projector's output std decides nothing.")
+    text += _did_not_learn(report)
     for run in report.runs:
-        warnings = [w for w in (run.get("warnings") or "").split(" | ") if w]
+        warnings = [w for w in (run.get("warnings") or "").split(" | ") if w and COLLAPSED not in w]
         if warnings:
-            text.append(
-                f"**Did not learn:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} epochs): "
-                f"{'; '.join(warnings)}. What fine-tuning gains from this run comes mostly from its "
-                "initialisation, not from the self-supervision.")
+            text.append(f"**Learning-check warning:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} "
+                        f"epochs, seed {run.get('seed', '?')}): {'; '.join(warnings)}.")
     stand_ins = [i for i in cfg.inits if i.name not in ("scratch", "imagenet")]
     names = ["`scratch` is random initialisation"] + (
         ["`imagenet` is timm's ImageNet weights"] if any(i.name == "imagenet" for i in cfg.inits) else [])
@@ -531,6 +529,27 @@ def _section_reading_guide(report: Report) -> str:
               f"`{i.vit_weights}`" for i in stand_ins]
     text.append("Initialisations: " + "; ".join(names) + ".")
     return "\n\n".join(text)
+
+
+def _did_not_learn(report: Report, metric: str = "macro_f1") -> list[str]:
+    """One line per pretrained network that did not learn, by measurement: a collapsed backbone (any seed's
+    run), or readouts of which none lies above the starting point by its paired interval."""
+    lines = []
+    for run in report.runs:
+        collapsed = [w for w in (run.get("warnings") or "").split(" | ") if COLLAPSED in w]
+        if collapsed:
+            lines.append(f"**Did not learn (backbone):** {_run_label(run)} (seed {run.get('seed', '?')}): "
+                         f"{'; '.join(collapsed)}.")
+    added = _groups([r for r in report.comparisons if r["comparison"] == PRETRAINING_ADDED and r["metric"] == metric],
+                    "a", "arch", "init")
+    for (method, arch, init), rows in added.items():
+        if any(r["verdict"] == ABOVE for r in rows):
+            continue
+        cells = "; ".join(f"{r['mode']} {_fraction(r['label_fraction'])}: {r['diff']:+.3f} [{r['low']:+.3f}, "
+                          f"{r['high']:+.3f}] {r['verdict']}" for r in rows if r["diff"] is not None)
+        lines.append(f"**Did not learn (readout):** {method_name(method)} {report.network(arch)} from {init}: no "
+                     f"readout lies above its starting point ({cells}).")
+    return lines
 
 
 def _section_overview(report: Report) -> str:
