@@ -521,7 +521,7 @@ def _section_reading_guide(report: Report) -> str:
         warnings = [w for w in (run.get("warnings") or "").split(" | ") if w and COLLAPSED not in w]
         if warnings:
             text.append(f"**Learning-check warning:** {_run_label(run)} (batch {run['batch_size']}, {run['epochs']} "
-                        f"epochs, seed {run.get('seed', '?')}): {'; '.join(warnings)}.")
+                        f"epochs): {'; '.join(warnings)}.")
     stand_ins = [i for i in cfg.inits if i.name not in ("scratch", "imagenet")]
     names = ["`scratch` is random initialisation"] + (
         ["`imagenet` is timm's ImageNet weights"] if any(i.name == "imagenet" for i in cfg.inits) else [])
@@ -538,7 +538,7 @@ def _did_not_learn(report: Report, metric: str = "macro_f1") -> list[str]:
     for run in report.runs:
         collapsed = [w for w in (run.get("warnings") or "").split(" | ") if COLLAPSED in w]
         if collapsed:
-            lines.append(f"**Did not learn (backbone):** {_run_label(run)} (seed {run.get('seed', '?')}): "
+            lines.append(f"**Did not learn (backbone):** {_run_label(run)}: "
                          f"{'; '.join(collapsed)}.")
     added = _groups([r for r in report.comparisons if r["comparison"] == PRETRAINING_ADDED and r["metric"] == metric],
                     "a", "arch", "init")
