@@ -45,7 +45,7 @@ MODEL = "resnet18 (small stem, 28 px)"
 
 RECIPES = {
     "medmnist-v2": dict(epochs=100, batch_size=128, lr=1e-3, schedule="step", select_metric="auroc", augment="none",
-                        loss="ce", class_weights="none", min_steps=0, patience=100),
+                        loss="ce", class_weights="none", min_steps=0, patience=100, warmup=0.0),
     "cass-default": dict(),
 }
 """Fine-tuning options per recipe, over the common ones in :func:`run_config` (``{}``: cass's defaults)."""

@@ -95,6 +95,70 @@ def test_early_stopping_reports_and_keeps_the_best_epochs_model(brain_folder, tm
     assert all(torch.equal(saved[k], weights_at[2][k]) for k in saved)
     assert not all(torch.equal(saved[k], weights_at[4][k]) for k in saved)  # not the last epoch's
     assert not (model_dir / STATE).exists()
+    assert metrics["converged"] is True  # early stopping ended it
+
+
+def test_a_run_still_improving_at_its_budget_is_recorded_as_not_converged(brain_folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    scripted = iter([0.2, 0.3, 0.4])  # every evaluation better than the last; then the real test score
+    real_validate = ft._validate
+
+    def validate(net, *args):
+        val_loss, scores = real_validate(net, *args)
+        return val_loss, {**scores, "macro_f1": next(scripted, scores["macro_f1"])}
+
+    monkeypatch.setattr(ft, "_validate", validate)
+    model_dir = finetune(ft_cfg(brain_folder, tmp_path / "m", epochs=3, patience=2))
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["epoch"] == 3 and metrics["converged"] is False
+    assert "not converged" in capsys.readouterr().out
+
+
+# --- optimiser: warm-up and layer-wise learning-rate decay ---------------------------------------
+
+
+def test_learning_rate_warms_up_then_decays(brain_folder, tmp_path):
+    # 6 evaluations of 1 pass each; half of the steps warm up: the rate rises to lr, then the cosine falls.
+    model_dir = finetune(ft_cfg(brain_folder, tmp_path / "m", epochs=6, patience=6, lr=1e-3, warmup=0.5))
+    rates = [float(r["lr"]) for r in history(model_dir)]
+    assert rates[0] < rates[1] < rates[2] and rates[2] == pytest.approx(1e-3, rel=0.35)
+    assert rates[3] > rates[4] > rates[5]
+
+
+def _groups(arch: str, init: str, **kw) -> list[dict]:
+    cfg = FinetuneConfig(cnn=TINY_CNN, vit=TINY_VIT, **kw)
+    backbone = ft.Backbone(TINY_VIT if arch == "vit" else TINY_CNN, "scratch", None, 32, arch,
+                           vit_patch_size=8)
+    net = ft.build_classifier(backbone, 3)
+    return ft.parameter_groups(cfg, ft.Backbone(**{**backbone.__dict__, "init": init}), net), net
+
+
+def test_a_pretrained_transformer_learns_at_layer_decayed_rates(tmp_path):
+    groups, net = _groups("vit", str(tmp_path / "run"), lr=1e-3, vit_layer_decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())  # every weight once
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    model = net.model
+    head, first_block, last_block = (rate[id(next(m.parameters()))]
+                                      for m in (model.head, model.blocks[0], model.blocks[-1]))
+    assert head == pytest.approx(1e-3)
+    assert last_block == pytest.approx(0.5e-3)  # one block below the head: x0.5
+    assert first_block == pytest.approx(1e-3 * 0.5 ** len(model.blocks))
+    assert rate[id(model.patch_embed.proj.weight)] < first_block
+
+
+@pytest.mark.parametrize("arch, init, kw", [("vit", "scratch", {}), ("cnn", "pretrained-run", {}),
+                                            ("vit", "pretrained-run", {"vit_layer_decay": 1.0})])
+def test_layer_decay_is_not_applied_from_scratch_to_cnns_or_when_off(arch, init, kw):
+    groups, net = _groups(arch, init, lr=1e-3, **kw)
+    assert len(groups) == 1 and groups[0]["lr"] == 1e-3
+    assert len(groups[0]["params"]) == len(list(net.parameters()))
+
+
+def test_linear_mode_optimises_the_head_alone():
+    groups, net = _groups("vit", "pretrained-run", lr=1e-3, mode="linear")
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in net.model.get_classifier().parameters()]
+    assert len(groups) == 1 and not any(p.requires_grad for p in net.model.blocks.parameters())
 
 
 # --- kill and resume ------------------------------------------------------------------------------

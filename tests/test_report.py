@@ -41,6 +41,7 @@ from cass.reporting.report import (
     Report,
     _groups,
     _section_robustness,
+    convergence_caption,
     method_name,
     pretraining_added_verdict,
     readout_table,
@@ -157,9 +158,24 @@ def test_results_table_is_the_mean_over_seeds_with_its_interval(experiment_dir):
     lines = results_table(report).splitlines()
     for (method, arch), rows in _groups(report.main, "method", "arch").items():
         line = next(line for line in lines if line.startswith(f"| {method_name(method)} | {report.network(arch)} |"))
-        estimate, low, high = map(float, re.search(r"\| (\S+) \[(\S+), (\S+)\] \(n=1\) \|$", line).groups())
+        estimate, low, high = map(float, re.search(r"\| (\S+) \[(\S+), (\S+)\] \(n=1\)( †)? \|$", line).groups()[:3])
         assert estimate == pytest.approx(statistics.mean(r["test_macro_f1"] for r in rows), abs=6e-4)  # torchmetrics
         assert 0 <= low < high <= 1, line
+
+
+@pytest.mark.slow
+def test_a_cell_with_a_run_that_did_not_converge_is_marked_and_counted(experiment_dir, tmp_path):
+    report = Report(experiment_dir)
+    report.kept = KeptPredictions(tmp_path)
+    template = report.rows[0]
+    ran = [("cnn", 0, True), ("cnn", 1, False), ("vit", 0, True), ("vit", 1, True)]
+    report.main = [{**template, "method": "cass", "arch": arch, "init": "scratch", "label_fraction": 1.0,
+                    "seed": seed, "test_macro_f1": 0.5, "converged": converged} for arch, seed, converged in ran]
+    lines = results_table(report).splitlines()
+    assert next(line for line in lines if line.startswith("| CASS | CNN")).endswith("(n=2) † |")
+    assert next(line for line in lines if line.startswith("| CASS | Transformer")).endswith("(n=2) |")
+    assert "in 3 of 4 runs" in convergence_caption(report.main)
+    assert convergence_caption([{**row, "converged": None} for row in report.main]) == ""  # older cells: unknown
 
 
 @pytest.mark.slow

@@ -206,6 +206,16 @@ class PretrainConfig:
     method: str = "cass"
     """Pretraining method: a registered name (``cass``, the paper's; ``dino``, the baseline; ...)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The first source of images (with several sources, its selection split scores the online k-NN), and the
+    run's data-reading options (``path``, ``num_workers``) for every source."""
+    more_data: list[DataConfig] = field(default_factory=list)
+    """Further sources pretrained on together with ``data``, each with its own groups, fractions, splits and
+    ``train_images``: only each source's train images are read; its selection and test images (whole groups)
+    are kept out. In YAML a list of data sections; on the command line ``--data`` repeated."""
+    balance_sources: bool = False
+    """With several sources, draw each source equally often in every epoch (a small source's images then come
+    back within an epoch, a large one's are subsampled; the epoch keeps the pooled number of images), instead
+    of every pooled image once."""
     cnn: str = "resnet50"
     """timm name of the CNN."""
     vit: str = "vit_base_patch16_384"
@@ -273,6 +283,10 @@ class PretrainConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     cass_vicreg: CassVicregConfig = field(default_factory=CassVicregConfig)
 
+    def sources(self) -> list[DataConfig]:
+        """Every source of pretraining images: ``data`` first, then ``more_data`` in order."""
+        return [self.data, *self.more_data]
+
 
 @dataclass
 class FinetuneConfig:
@@ -309,13 +323,23 @@ class FinetuneConfig:
     """Seed of the label subset, initialisation and augmentations."""
     epochs: int = opt(50, ge=1)
     """Evaluations at most, one per pass over the labelled images, or per few passes when ``min_steps``
-    needs more (early stopping on the selection split's macro-F1, see ``patience``)."""
+    needs more (early stopping on the selection split's macro-F1, see ``patience``). A run is *converged*
+    when early stopping ended it; one that reached this budget still improving is recorded as not converged."""
     lr: float = opt(3e-4, gt=0)
     """Peak learning rate (cosine schedule down to ``min_lr``)."""
     min_lr: float = opt(1e-6, ge=0)
     """Learning rate at the end of the cosine schedule."""
     schedule: str = "cosine"
     """``cosine`` (to ``min_lr``, the paper's) or ``step`` (x0.1 at 50 % and 75 % of the run: MedMNIST v2's)."""
+    warmup: float = opt(0.05, ge=0, lt=1)
+    """Fraction of the run's optimiser steps (at most) over which the learning rate rises linearly from 0 to
+    ``lr`` before the schedule: a fresh head on pretrained features otherwise sends large gradients into the
+    backbone in its first steps. 0: none (MedMNIST v2's recipe has none)."""
+    vit_layer_decay: float = opt(0.75, gt=0, le=1)
+    """Layer-wise learning-rate decay of a Transformer fine-tuned from pretrained weights (timm's parameter
+    groups, as in BEiT and MAE): each block learns at this times the rate of the block above it, the head at
+    ``lr``, so the earliest, most general features move least. 1: one rate for all. Not applied to a CNN, to a
+    network trained from scratch (every layer must learn) or in ``linear`` mode (only the head trains)."""
     select_metric: str = "macro_f1"
     """Selection-split metric that picks the best evaluation and drives early stopping: ``macro_f1`` (the
     paper's), ``auroc`` (MedMNIST v2 chooses its models on validation AUC) or ``accuracy``."""
@@ -397,6 +421,10 @@ def _check_ranges(cfg: Any, where: str, section: str | None) -> None:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             _check_ranges(value, f"{where}.{f.name}", None if section is None else f.name)
+            continue
+        if isinstance(value, list) and any(dataclasses.is_dataclass(item) for item in value):
+            for i, item in enumerate(value):  # sections of a list (``more_data``) have no flags of their own
+                _check_ranges(item, f"{where}.{f.name}[{i}]", None)
             continue
         bounds = {key: f.metadata[key] for key in ("ge", "gt", "le", "lt") if key in f.metadata}
         if not bounds:

@@ -170,9 +170,25 @@ def _cell(report: Report, rows: list[Row], metric: str) -> str:
     images and seeds; ``mean ± std (n=k)`` where a cell kept no per-image predictions or the metric has no
     bootstrap (mAP)."""
     seeds = report.kept.seeds([report.cell_dir(row).name for row in rows], metric)
+    mark = NOT_CONVERGED if any(row.get("converged") is False for row in rows) else ""
     if seeds is None:
-        return _format(_mean_std(row[f"test_{metric}"] for row in rows))
-    return f"{_format_interval(interval(seeds))} (n={len(rows)})"
+        return _format(_mean_std(row[f"test_{metric}"] for row in rows)) + mark
+    return f"{_format_interval(interval(seeds))} (n={len(rows)}){mark}"
+
+
+NOT_CONVERGED = " †"
+"""Marks a fine-tuning cell where at least one seed reached its evaluation budget still improving."""
+
+
+def convergence_caption(rows: list[Row]) -> str:
+    """How many fine-tuning runs early stopping ended (converged) and what ``†`` means; empty for cells
+    finished before cass recorded it."""
+    known = [row["converged"] for row in rows if row.get("converged") is not None]
+    if not known:
+        return ""
+    return (f"Fine-tuning converged (early stopping on the selection split ended it) in {sum(known)} of "
+            f"{len(known)} runs; `{NOT_CONVERGED.strip()}` marks a cell where a run was still improving when its "
+            "budget of evaluations ended: not converged, its mean understates what longer training gives.")
 
 
 def _groups(rows: list[Row], *keys: str) -> dict[tuple, list[Row]]:
@@ -229,6 +245,7 @@ def _section_results(report: Report) -> str:
         "chosen on the selection split (`val`); nothing was selected on the test split. Pretraining: batch "
         f"{report.cfg.pretrain.batch_size}, {report.cfg.pretrain.epochs} epochs; fine-tuning mode "
         f"`{report.cfg.finetune.mode}`. Columns are the fraction of the train labels used for fine-tuning.",
+        convergence_caption(report.main),
         results_table(report, "macro_f1"),
     ]
     present = {k for row in report.main for k, v in row.items() if v is not None}
@@ -237,7 +254,7 @@ def _section_results(report: Report) -> str:
             text += [f"### {METRIC_NAMES[metric]}", results_table(report, metric)]
     text.append("Every row of every cell (with per-class F1, the confusion matrix and the config paths) is in "
                 "`results.csv` and `results.json`.")
-    return "\n\n".join(text)
+    return "\n\n".join(part for part in text if part)
 
 
 def _metric_curves(report: Report, rows: list[Row], x_key: str) -> dict[str, dict[str, Curve]]:

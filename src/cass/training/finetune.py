@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.optim import param_groups_layer_decay
 from torch.optim import Adam
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -215,13 +216,15 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
         readout = _knn if cfg.mode == "knn" else _logistic
         score, chosen_on = readout(cfg, fabric, net, labelled, selection, out, info)
     else:
-        chosen_on = _train(cfg, fabric, net, labelled, selection, out, info, resume)
+        chosen_on = _train(cfg, fabric, net, parameter_groups(cfg, backbone, net), labelled, selection, out, info,
+                           resume)
         score = _best_model_scorer(cfg, fabric, net, out, labelled)
     with recording_predictions() as recorder:  # per test image, for the paired intervals of an experiment
         reported = score(test)
     save_predictions(out / PREDICTIONS, test.keys, recorder.only())  # before the scores: they mark it finished
     metrics = {**reported, "split": "test", "epoch": chosen_on.get("epoch"), "steps": chosen_on.get("steps"),
                **({"readout": chosen_on.pop("readout")} if "readout" in chosen_on else {}),  # k or C, chosen
+               **({"converged": chosen_on.pop("converged")} if "converged" in chosen_on else {}),
                "selection": {**chosen_on, "split": "val"}}
     atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
     (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
@@ -254,26 +257,40 @@ def passes_per_evaluation(epochs: int, min_steps: int, steps_per_pass: int) -> i
     return max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
 
 
-def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
-           info: dict[str, str], resume: bool) -> dict[str, Any]:
-    """The training loop of ``full`` and ``linear``: ``cfg.epochs`` evaluations on the selection split at most,
-    at least ``cfg.min_steps`` optimiser steps in all, early stopping after ``patience`` evaluations
-    without a better selection ``select_metric`` (macro-F1 by default); the best evaluation's weights are kept in ``model.safetensors``."""
+def parameter_groups(cfg: FinetuneConfig, backbone: Backbone, net: Network) -> list[dict[str, Any]]:
+    """What the optimiser trains, each group with its learning rate: in ``linear`` mode the head alone (the
+    rest frozen); a Transformer that starts from pretrained weights by blocks at layer-decayed rates
+    (``vit_layer_decay``, timm's groups); anything else in one group at ``lr``."""
     if cfg.mode == "linear":
         for p in net.parameters():
             p.requires_grad_(False)
-        for p in net.model.get_classifier().parameters():
+        head = list(net.model.get_classifier().parameters())
+        for p in head:
             p.requires_grad_(True)
-    params = [p for p in net.parameters() if p.requires_grad]
+        return [{"params": head, "lr": cfg.lr}]
+    if backbone.role == "vit" and backbone.init != "scratch" and cfg.vit_layer_decay < 1:
+        groups = param_groups_layer_decay(net.model, weight_decay=0.0, layer_decay=cfg.vit_layer_decay)
+        return [{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in groups]
+    return [{"params": list(net.parameters()), "lr": cfg.lr}]
+
+
+def _train(cfg: FinetuneConfig, fabric: Any, net: Network, groups: list[dict[str, Any]], labelled: ImageSet,
+           selection: ImageSet, out: Path, info: dict[str, str], resume: bool) -> dict[str, Any]:
+    """The training loop of ``full`` and ``linear``: ``cfg.epochs`` evaluations on the selection split at most,
+    at least ``cfg.min_steps`` optimiser steps in all, warm-up then the schedule, early stopping after
+    ``patience`` evaluations without a better selection ``select_metric`` (macro-F1 by default); the best
+    evaluation's weights are kept in ``model.safetensors``. The returned record says whether early stopping
+    ended the run (``converged``) or the budget did."""
     batch = labelled_batch_size(cfg.batch_size, len(labelled))
     workers = cfg.data.num_workers  # None: automatic for the data path in use
     train_loader = image_loader(labelled, AUGMENTATIONS[cfg.augment](net.input_size), batch, cfg.seed, True, workers)
     val_loader = image_loader(selection, eval_transform(net.input_size), cfg.batch_size, cfg.seed, False, workers)
     passes = passes_per_evaluation(cfg.epochs, cfg.min_steps, len(train_loader))
     total_steps = cfg.epochs * passes * len(train_loader)
-    optimizer = Adam(params, lr=cfg.lr, fused=True)
-    scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr) if cfg.schedule == "cosine"
-                         else step_decay_lambda(total_steps))
+    optimizer = Adam(groups, lr=cfg.lr, fused=True)
+    warmup = round(cfg.warmup * total_steps)
+    scheduler = LambdaLR(optimizer, cosine_lambda(total_steps, cfg.lr, cfg.min_lr, warmup) if cfg.schedule == "cosine"
+                         else step_decay_lambda(total_steps, warmup_steps=warmup))
     weights = class_weights(labelled.targets, len(labelled.classes), cfg.class_weights)
     loss_fn = create_loss(cfg.loss, weights, labelled.multilabel)
     metrics = ClassificationMetrics(labelled.classes, labelled.multilabel)
@@ -332,7 +349,7 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
         else:
             progress["stale"] += 1
         history.append({"epoch": evaluation + 1, "step": progress["step"], "train_loss": mean_train,
-                        "val_loss": val_loss, "lr": scheduler.get_last_lr()[0],
+                        "val_loss": val_loss, "lr": max(scheduler.get_last_lr()),  # the head's (layer decay lowers the others)
                         "epoch_time_s": time.perf_counter() - start,
                         **{k: scores[k] for k in ("macro_f1", "micro_f1", "macro_recall", "balanced_accuracy", "auroc")
                            if k in scores}})
@@ -348,7 +365,10 @@ def _train(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, s
         if stop:
             fabric.print(f"early stop: no better validation {cfg.select_metric} for {cfg.patience} evaluations")
             break
-    return best
+    if not progress["stopped"]:
+        fabric.print(f"not converged: validation {cfg.select_metric} was still improving within the last "
+                     f"{cfg.patience} of the {cfg.epochs} evaluations (raise --epochs)")
+    return {**best, "converged": bool(progress["stopped"])}
 
 
 def _best_model_scorer(cfg: FinetuneConfig, fabric: Any, net: Network, out: Path,

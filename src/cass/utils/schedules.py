@@ -25,11 +25,17 @@ def cosine_lambda(total_steps: int, base: float, end: float, warmup_steps: int =
 
 
 def step_decay_lambda(total_steps: int, milestones: tuple[float, ...] = (0.5, 0.75),
-                      factor: float = 0.1) -> Callable[[int], float]:
-    """A ``LambdaLR`` factor multiplied by ``factor`` at each milestone (a fraction of ``total_steps``).
+                      factor: float = 0.1, warmup_steps: int = 0) -> Callable[[int], float]:
+    """A ``LambdaLR`` factor multiplied by ``factor`` at each milestone (a fraction of ``total_steps``),
+    after a linear warm-up from 0 over ``warmup_steps`` (as in :func:`cosine`).
 
-    MedMNIST v2's recipe: x0.1 at epochs 50 and 75 of 100. Fractions rather than epochs keep the schedule
-    a closed form of the step, like :func:`cosine_lambda`.
+    MedMNIST v2's recipe: x0.1 at epochs 50 and 75 of 100, no warm-up. Fractions rather than epochs keep the
+    schedule a closed form of the step, like :func:`cosine_lambda`.
     """
     bounds = [m * total_steps for m in milestones]
-    return lambda step: factor ** sum(step >= b for b in bounds)
+
+    def factor_at(step: int) -> float:
+        ramp = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+        return ramp * factor ** sum(step >= b for b in bounds)
+
+    return factor_at
