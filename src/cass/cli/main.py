@@ -8,6 +8,7 @@ are generated from the config dataclasses (:mod:`cass.cli.options`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -78,13 +79,18 @@ Opt = typer.Option
 
 @app.command()
 @friendly_errors
-@config_command(PretrainConfig)
+@config_command(PretrainConfig, exclude=("data.data",))
 def pretrain(
     overrides: dict[str, Any],
     config: Annotated[Path | None, Opt("--config", help="YAML file with any of these options.")] = None,
     resume: Annotated[Path | None, Opt(help="Continue the run in this directory (other options override its config).")] = None,
+    data: Annotated[list[str] | None, Opt(
+        "--data", help="Images to pretrain on: a folder, CSV, zip or .npz (default: the config's, else the shipped "
+        "sample). Repeat for several sources pretrained on together: each keeps its own selection and test images "
+        "out and shares the other data options typed here (its own --val-data and --groups need a YAML config's "
+        "more_data list). Given, these are all the sources: they replace the config's.")] = None,
 ) -> None:
-    """Self-supervised pretraining (CASS by default) on unlabeled images."""
+    """Self-supervised pretraining (CASS by default) on unlabeled images, from one source or several."""
     from cass.training.pretrain import load_run_config
     from cass.training.pretrain import pretrain as run_pretrain
 
@@ -93,8 +99,26 @@ def pretrain(
     else:
         cfg = load_yaml(PretrainConfig, config) if config else PretrainConfig()
         cfg = merge(cfg, overrides)
-    run_dir = run_pretrain(cfg, resume=resume is not None)
+    run_dir = run_pretrain(_typed_sources(cfg, data or [], overrides), resume=resume is not None)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _typed_sources(cfg: PretrainConfig, paths: list[str], overrides: dict[str, Any]) -> PretrainConfig:
+    """``cfg`` with the sources typed as repeated ``--data``: the first is ``data.data``, each further one a
+    ``more_data`` section with the first's options but its own files (no ``val_data``, no ``groups``).
+
+    A typed ``--val-data`` or ``--groups`` belongs to one source, so with several it is refused, not guessed.
+    """
+    if not paths:
+        return cfg
+    if len(paths) > 1:
+        for key, flag in (("data.val_data", "--val-data"), ("data.groups", "--groups")):
+            if key in overrides:
+                raise ConfigError(f"{flag} names one source's file, but --data was given {len(paths)} times; give "
+                                  "each source its own in a YAML config (a data section and a more_data list)")
+    first = dataclasses.replace(cfg.data, data=paths[0])
+    more = [dataclasses.replace(first, data=path, val_data=None, groups=None) for path in paths[1:]]
+    return dataclasses.replace(cfg, data=first, more_data=more)
 
 
 @app.command()

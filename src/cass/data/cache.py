@@ -93,9 +93,9 @@ def _fingerprint(store: Any, ref: Any) -> tuple[Any, ...]:
     raise CacheError(f"{type(store).__name__} images cannot be fingerprinted for a cache; use data.path: pil")
 
 
-def cache_key(images: ImageSet, resize: v2.Resize) -> str:
-    """Digest of the resize and of every image's name and fingerprint, in order."""
-    digest = hashlib.sha256(f"cass-cache-v{FORMAT_VERSION}|{resize!r}|{len(images)}".encode())
+def _digest(header: str, images: ImageSet) -> str:
+    """Digest of ``header`` and of every image's name and fingerprint, in order."""
+    digest = hashlib.sha256(header.encode())
     for name, ref in zip(images.keys, images.refs, strict=True):
         try:
             fingerprint = _fingerprint(images.store, ref)
@@ -103,6 +103,18 @@ def cache_key(images: ImageSet, resize: v2.Resize) -> str:
             raise BadImageError(f"{name}: cannot read file ({err.strerror or err})") from err
         digest.update(f"\n{name}|{fingerprint}".encode())
     return digest.hexdigest()[:32]
+
+
+def cache_key(images: ImageSet, resize: v2.Resize) -> str:
+    """Digest of the resize and of every image's name and fingerprint, in order."""
+    return _digest(f"cass-cache-v{FORMAT_VERSION}|{resize!r}|{len(images)}", images)
+
+
+def images_fingerprint(images: ImageSet) -> str:
+    """Digest of every image's name and fingerprint, in order, at no resolution: what a run records of the
+    images it read, so that a later run can tell whether a source changed (an added, removed or modified file).
+    Raises :class:`CacheError` for images that cannot be fingerprinted without decoding them."""
+    return _digest(f"cass-images|{len(images)}", images)
 
 
 def cache_bytes(count: int, size: int) -> int:

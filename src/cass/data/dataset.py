@@ -152,6 +152,22 @@ class CacheStore:
         return torch.from_numpy(np.array(self.array[ref])).permute(2, 0, 1)
 
 
+class PooledStore:
+    """The stores of several image sets read as one (pretraining on several sources); a reference is
+    ``(set number, that set's own reference)``. Pickled as its stores, each of which reopens its files."""
+
+    def __init__(self, stores: Sequence[ImageStore]) -> None:
+        self.stores = list(stores)
+
+    def key(self, ref: tuple[int, Any]) -> str:
+        part, inner = ref
+        return self.stores[part].key(inner)
+
+    def load(self, ref: tuple[int, Any], name: str) -> Any:
+        part, inner = ref
+        return self.stores[part].load(inner, name)
+
+
 @dataclass
 class ImageSet:
     """Images of one split with their labels, read on demand.
@@ -236,6 +252,25 @@ class ImageSet:
         if checked.skipped > self.skipped:
             log.warning("%s: skipped %d unreadable image(s) of %d", self.source, len(self) - len(good), len(self))
         return checked
+
+
+def pooled(sets: Sequence[ImageSet]) -> ImageSet:
+    """Every image of ``sets`` as one unlabelled set, in order (the first set's images keep their indices, so
+    a single source reads and augments exactly as on its own); one set is returned as it is.
+
+    Labels are dropped: the sources' class lists differ, and pretraining reads no labels. So are groups,
+    whose names are only unique within their source; each source's groups were used when its splits were carved.
+    """
+    if len(sets) == 1:
+        return sets[0]
+    return ImageSet(
+        source=" + ".join(images.source for images in sets),
+        keys=[key for images in sets for key in images.keys],
+        targets=None, classes=[], multilabel=False,
+        store=PooledStore([images.store for images in sets]),
+        refs=[(part, ref) for part, images in enumerate(sets) for ref in images.refs],
+        skipped=sum(images.skipped for images in sets),
+    )
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +47,24 @@ class Roles:
     carved: dict[str, ImageSet]
 
     def save_held_out(self, directory: Path) -> None:
-        """List the carved images (``split,file,group``) in ``directory``: what this run never trained on.
+        """List the carved images in ``directory``: what this run never trained on (:func:`save_held_out`)."""
+        save_held_out(directory, [self])
 
-        ``group`` is empty for an image without one (it was its own group).
-        """
-        if not self.carved:
-            return
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["split", "file", "group"])
-        for split, images in self.carved.items():
+
+def save_held_out(directory: Path, sources: Sequence[Roles]) -> None:
+    """List the images carved from every source's train (``split,file,group``) in ``directory``'s
+    ``held_out.csv``, the first source's first: what a run never trained on. Nothing is written when no
+    source was carved. ``group`` is empty for an image without one (it was its own group).
+    """
+    if not any(roles.carved for roles in sources):
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "file", "group"])
+    for roles in sources:
+        for split, images in roles.carved.items():
             writer.writerows(zip([split] * len(images), images.keys, images.groups or [None] * len(images)))
-        atomic_write_text(Path(directory) / HELD_OUT, buffer.getvalue())
+    atomic_write_text(Path(directory) / HELD_OUT, buffer.getvalue())
 
 
 def _groups_by_stratum(strata: np.ndarray, codes: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -71,7 +71,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     """Self-supervised pretraining; returns the run directory.
 
     The run directory holds ``config.yaml`` (resolved), ``checkpoint.safetensors`` (full state, written
-    after every epoch), ``<role>.safetensors`` (plain timm weights of each exported network),
+    after every epoch), ``<role>.safetensors`` (plain timm weights of each exported network), ``sources.json``
+    (each source's images and fingerprint), ``held_out.csv`` (the images carved from train, never seen),
     ``metrics.csv`` (loss, lr, collapse diagnostics, backbone checks, time, img/s, peak memory per epoch),
     ``start.csv`` (the backbone checks before the first step) and ``tensorboard/``. With ``resume=True`` it
     continues from the checkpoint in ``cfg.out``.
@@ -93,8 +94,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
     data = build_train_data(cfg, method, fabric)
+    fabric.print(data.describe(cfg.balance_sources))
     if fabric.is_global_zero:
-        data.roles.save_held_out(run_dir)  # what this run never sees: the test and selection images
+        data.save(run_dir, cfg.balance_sources)  # its sources, and what it never sees: test and selection images
     sampler = data.loader.sampler
     steps_per_epoch = len(data.loader)
 
@@ -188,7 +190,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
 
 def _online_checks(cfg: PretrainConfig, data: TrainData, method: PretrainMethod) -> OnlineChecks:
     """The run's fixed images: ``diagnostics_samples`` train images (the k-NN bank) and, with labels, up to
-    :data:`~cass.evaluation.online.SELECTION_IMAGES` selection images, both chosen by the run's seed."""
+    :data:`~cass.evaluation.online.SELECTION_IMAGES` selection images, both chosen by the run's seed. With
+    several sources, the first source's: a k-NN needs one set of classes."""
     return OnlineChecks.sample(data.roles.train, data.roles.selection, cfg.diagnostics_samples, method.img_size,
                                cfg.seed, cfg.batch_size, cfg.data.skip_bad_images)
 

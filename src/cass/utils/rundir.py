@@ -22,6 +22,9 @@ METRICS = "metrics.csv"
 START = "start.csv"
 """One row, epoch 0: the learning checks of a pretraining run's networks before its first step, where the
 backbone and k-NN curves of ``metrics.csv`` start (kept apart so every row of ``metrics.csv`` is an epoch)."""
+SOURCES = "sources.json"
+"""The sources a pretraining run read: per source its data options, how many train images it gave and how
+many selection and test images it kept out, and the fingerprint of those train images."""
 HISTORY = "history.csv"
 """One row per fine-tuning evaluation: losses, selection-split scores, steps, time."""
 MODEL = "model.safetensors"
