@@ -133,7 +133,24 @@ def finetune(
     from cass.training.finetune import finetune as run_finetune
 
     cfg = merge(load_yaml(FinetuneConfig, config) if config else FinetuneConfig(), overrides)
-    run_finetune(cfg, resume=resume)
+    run_finetune(_from_exported_backbone(cfg, overrides), resume=resume)
+
+
+def _from_exported_backbone(cfg: FinetuneConfig, typed: dict[str, Any]) -> FinetuneConfig:
+    """``--from FILE`` written by ``cass export``: the file names its network, its shape (small stem, patch size)
+    and its input size, so none needs typing. A typed ``--img-size`` wins; a typed ``--arch`` that is not the
+    file's is refused (the weights would not fit)."""
+    from cass.models.backbone import backbone_info
+
+    info = backbone_info(cfg.source)
+    if info is None:
+        return cfg
+    if typed.get("arch", info.arch) != info.arch:
+        raise ConfigError(f"--from {cfg.source} holds a {info.arch} backbone ({info.timm_name}), not a "
+                          f"{typed['arch']}; leave --arch out")
+    shape = {"cnn_stem": info.cnn_stem} if info.arch == "cnn" else {"vit_patch_size": info.patch_size}
+    return merge(cfg, {"arch": info.arch, info.arch: info.timm_name, **shape,
+                       "img_size": typed.get("img_size", info.img_size)}, where=f"--from {cfg.source}")
 
 
 @app.command()
@@ -169,7 +186,7 @@ def predict(
 @app.command()
 @friendly_errors
 def embed(
-    model: Annotated[Path, Opt(help="A cass finetune output directory.")],
+    model: Annotated[Path, Opt(help="A cass finetune output directory, or a backbone file written by cass export.")],
     input: Annotated[str, Opt("--input", help="An image, a folder, a CSV or a zip of images.")],
     out: Annotated[Path, Opt(help="Output directory for features.npy and files.csv.")],
 ) -> None:
@@ -177,6 +194,20 @@ def embed(
     from cass.evaluation.inference import embed as run_embed
 
     typer.echo(f"features written to {run_embed(model, input, out)}")
+
+
+@app.command()
+@friendly_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A cass pretrain run directory.")],
+    out: Annotated[Path, Opt(help="Where the backbone files and MODEL_CARD.md go.")],
+) -> None:
+    """Each network of a pretraining run as plain timm weights (safetensors) with a model card."""
+    from cass.training.export import MODEL_CARD, export_run
+
+    for path in export_run(run_dir, out):
+        typer.echo(f"backbone: {path}")
+    typer.echo(f"model card: {out / MODEL_CARD}")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """Using a fine-tuned model directory: ``evaluate`` (metrics on labelled images), ``predict``
-(a CSV of classes and probabilities) and ``embed`` (backbone features as ``.npy``)."""
+(a CSV of classes and probabilities) and ``embed`` (backbone features as ``.npy``, also of an exported backbone)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from cass.evaluation.features import (
 )
 from cass.evaluation.metrics import ClassificationMetrics
 from cass.evaluation.readouts import READOUT_FILES, Readout, load_readout
+from cass.models.backbone import load_backbone
 from cass.models.factory import Network, create_network, shape_options
 from cass.models.weights import load_state_dict_file
 from cass.utils.atomic import atomic_write, atomic_write_text
@@ -64,8 +65,13 @@ def load_classifier(model_dir: str | Path, device: str | torch.device | None = N
                          **shape_options(info["arch"], info["cnn_stem"], info["patch_size"]))
     net.model.load_state_dict(load_state_dict_file(model_dir / MODEL), strict=not readout)
     fit = load_readout(model_dir, info["mode"], len(info["classes"])) if readout else None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     return Classifier(net.to(device).eval(), info["classes"], info["multilabel"], info["img_size"], fit, device)
+
+
+def _device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, else the GPU when there is one."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _labelled_split(data: str | Path, split: str | None) -> ImageSet:
@@ -139,11 +145,20 @@ def predict(model_dir: str | Path, input_path: str | Path, out_csv: str | Path) 
     return Path(out_csv)
 
 
-def embed(model_dir: str | Path, input_path: str | Path, out: str | Path) -> Path:
-    """Backbone features of every image: ``features.npy`` (N, D) and ``files.csv`` (row order)."""
-    classifier = load_classifier(model_dir)
+def embed(model: str | Path, input_path: str | Path, out: str | Path) -> Path:
+    """Backbone features of every image: ``features.npy`` (N, D) and ``files.csv`` (row order).
+
+    ``model``: a fine-tuned model directory, or a backbone file written by ``cass export`` (read at the size
+    it was pretrained at).
+    """
+    if Path(model).is_file():
+        net, device = load_backbone(model), _device()
+        img_size = net.input_size
+    else:
+        classifier = load_classifier(model)
+        net, img_size, device = classifier.net, classifier.img_size, classifier.device
     images = open_images(input_path).check()
-    features = extract_features(classifier.net, images, classifier.img_size, 64, classifier.device)
+    features = extract_features(net, images, img_size, 64, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "features.npy", lambda tmp: _save_npy(tmp, features))
