@@ -45,6 +45,7 @@ from cass.reporting.report import (
     method_name,
     pretraining_added_verdict,
     readout_table,
+    resolved_findings,
     results_table,
 )
 from cass.utils.rundir import MODEL, PREDICTIONS, read_csv
@@ -176,6 +177,23 @@ def test_a_cell_with_a_run_that_did_not_converge_is_marked_and_counted(experimen
     assert next(line for line in lines if line.startswith("| CASS | Transformer")).endswith("(n=2) |")
     assert "in 3 of 4 runs" in convergence_caption(report.main)
     assert convergence_caption([{**row, "converged": None} for row in report.main]) == ""  # older cells: unknown
+
+
+@pytest.mark.slow
+def test_the_demo_headline_lists_only_resolved_comparisons_largest_first(experiment_dir, monkeypatch):
+    base = {"comparison": "pretraining added", "b": STARTING_POINT, "arch": "cnn", "init": "scratch", "mode": "knn",
+            "label_fraction": 0.1, "metric": "macro_f1"}
+    stated = [{**base, "a": "cass", "diff": 0.20, "low": 0.05, "high": 0.35, "verdict": "above"},
+              {**base, "a": "dino", "diff": -0.30, "low": -0.45, "high": -0.10, "verdict": "below"},
+              {**base, "a": "cass-vicreg", "diff": 0.40, "low": -0.02, "high": 0.80, "verdict": "unresolved"},
+              {**base, "a": "cass", "metric": "accuracy", "diff": 0.5, "low": 0.4, "high": 0.6, "verdict": "above"}]
+    monkeypatch.setattr(Report, "comparisons", property(lambda self: stated))
+    lines = resolved_findings(experiment_dir).splitlines()
+    assert lines[0].startswith("- DINO") and lines[0].endswith("-0.300 [-0.450, -0.100] below")
+    assert lines[1].startswith("- CASS − starting point") and "above" in lines[1]
+    assert lines[2] == "(1 other comparison(s) unresolved: their interval contains 0.)"  # accuracy not counted
+    monkeypatch.setattr(Report, "comparisons", property(lambda self: stated[2:3]))
+    assert resolved_findings(experiment_dir).startswith("None of the 1 stated comparisons is resolved")
 
 
 @pytest.mark.slow
