@@ -22,12 +22,15 @@ from cass.config import (
     ConfigError,
     DataConfig,
     DinoConfig,
+    FinetuneConfig,
     PretrainConfig,
     save_yaml,
 )
 from cass.methods import METHODS
 from cass.methods.cass import CASS
+from cass.training.finetune import finetune
 from cass.training.pretrain import pretrain
+from cass.utils.checkpoint import read_info
 from cass.utils.rundir import MetricsFile
 
 
@@ -92,6 +95,23 @@ def test_run_directory_holds_checkpoint_config_metrics_and_diagnostics(shared_da
     assert float(rows[1]["lr"]) < float(rows[0]["lr"]) < 1e-3
     with pytest.raises(ConfigError, match="--resume"):
         pretrain(engine_cfg(shared_data, tmp_path / "run"))
+
+
+def test_kept_epochs_are_snapshots_read_like_a_run(shared_data, tmp_path):
+    run = pretrain(engine_cfg(shared_data, tmp_path / "run", keep_epochs=[1]))
+    snapshot = run / "snapshots" / "epoch_001"
+    assert sorted(p.name for p in snapshot.iterdir()) == ["cnn.safetensors", "config.yaml", "vit.safetensors"]
+    assert not (run / "snapshots" / "epoch_002").exists()  # the run's own weights are its last epoch
+    for role in ("cnn", "vit"):
+        assert read_info(snapshot / f"{role}.safetensors")["epoch"] == "1"
+        early, last = load_file(snapshot / f"{role}.safetensors"), load_file(run / f"{role}.safetensors")
+        assert not all(torch.equal(early[k], last[k]) for k in early)  # epoch 2 moved on
+    data = DataConfig(data=str(shared_data / "mini-cpu" / "brain_mri_mini_64.npz"), num_workers=0)
+    model = finetune(FinetuneConfig(data=data, source=str(snapshot), arch="vit", mode="knn", knn_ks=[1],
+                                    out=str(tmp_path / "knn"), accelerator="cpu"))
+    assert read_info(model / "model.safetensors")["timm_name"] == TINY_VIT
+    with pytest.raises(ConfigError, match="--keep-epochs"):
+        pretrain(engine_cfg(shared_data, tmp_path / "late", keep_epochs=[3]))
 
 
 @pytest.mark.parametrize("case", list(METHOD_CASES))

@@ -276,6 +276,11 @@ class PretrainConfig:
     """Outputs per epoch and network from which the collapse diagnostics are computed, and the fixed train
     images (chosen once by ``seed``) on which every backbone is measured each epoch and the online k-NN
     finds its neighbours."""
+    keep_epochs: list[int] = opt([], ge=1)
+    """Also keep each network's weights after these epochs, in ``snapshots/epoch_NNN/`` (with the run's
+    ``config.yaml``, so a snapshot is read like a run directory: ``cass finetune --from``): a budget curve from
+    one long run instead of one run per budget. A snapshot is taken mid-schedule (its learning rate had not
+    yet decayed), so it is a lower bound on what a run of that many epochs gives."""
     knn_every: int = opt(1, ge=0)
     """Epochs between two online k-NN scores of each backbone on the selection split (labelled data only;
     the start and the last epoch are always scored); 0: never."""

@@ -36,6 +36,7 @@ from cass.training.failures import check_finite_loss
 from cass.training.pretrain_data import TrainData, build_train_data
 from cass.training.step import LossDisplay, Stepper
 from cass.training.swa import SWA
+from cass.utils.atomic import atomic_write_text
 from cass.utils.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -43,7 +44,7 @@ from cass.utils.checkpoint import (
     save_weights,
 )
 from cass.utils.rng import rng_state, set_rng_state
-from cass.utils.rundir import CHECKPOINT, CONFIG, METRICS, START, MetricsFile, numeric_rows
+from cass.utils.rundir import CHECKPOINT, CONFIG, METRICS, START, MetricsFile, numeric_rows, snapshot_dir
 from cass.utils.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
 
     if cfg.on_nonfinite_loss not in ("stop", "skip"):
         raise ConfigError(f"on_nonfinite_loss must be stop or skip, got {cfg.on_nonfinite_loss!r}")
+    if beyond := [e for e in cfg.keep_epochs if e > cfg.epochs]:
+        raise ConfigError(f"--keep-epochs {beyond}: beyond the run's {cfg.epochs} epochs (--epochs)")
     fabric = make_fabric(run_dir, cfg.accelerator, cfg.precision, cfg.devices, cfg.num_nodes)
     fabric.seed_everything(cfg.seed, verbose=False)
     method = create_method(cfg)
@@ -259,13 +262,19 @@ def _save(
         "rng": rng_state(),
     }
     use_swa = swa is not None and state.epoch > swa.start_epoch
+    kept = [run_dir, *([snapshot_dir(run_dir, state.epoch)] if state.epoch in cfg.keep_epochs else [])]
+    for folder in kept[1:]:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / CONFIG, info["config"])
     for role, net in method.networks().items():
         weights = swa.models[role].module if use_swa else net
-        save_weights(
-            run_dir / f"{role}.safetensors",
-            weights.model.state_dict(),
-            {**info, **net.shape_info(), "role": role, "timm_name": net.name, "epoch": str(state.epoch), "swa": str(use_swa)},
-        )
+        for folder in kept:
+            save_weights(
+                folder / f"{role}.safetensors",
+                weights.model.state_dict(),
+                {**info, **net.shape_info(), "role": role, "timm_name": net.name, "epoch": str(state.epoch),
+                 "swa": str(use_swa)},
+            )
     save_checkpoint(run_dir / CHECKPOINT, full, info)
 
 

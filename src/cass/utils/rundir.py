@@ -39,6 +39,14 @@ PREDICTIONS = "test_predictions.csv"
 """Per test image of a fine-tuned model directory: target, prediction and class probabilities, kept so that
 every comparison can be bootstrapped over test images (``cass.evaluation.predictions``)."""
 
+SNAPSHOTS = "snapshots"
+"""Folder of a pretraining run's kept epochs (``keep_epochs``): ``snapshots/epoch_NNN/``, each read like a run."""
+
+
+def snapshot_dir(run_dir: Path, epoch: int) -> Path:
+    """Where a pretraining run keeps its weights after ``epoch`` (``keep_epochs``)."""
+    return Path(run_dir) / SNAPSHOTS / f"epoch_{epoch:03d}"
+
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
     """Rows as CSV text; the header is the union of the rows' keys in first-seen order, None is empty."""
