@@ -14,10 +14,12 @@ from cass.config import (
     DataConfig,
     FinetuneConfig,
     PretrainConfig,
+    load_yaml,
     merge,
 )
 from cass.data.subsets import check_fraction
 from cass.methods.registry import method_class, method_names
+from cass.utils.rundir import CONFIG
 
 SUPERVISED = "supervised"
 """The baseline without pretraining: the same network and initialisation trained with labels only."""
@@ -49,11 +51,34 @@ class InitSpec:
     ``*_weights`` files); any other name is a stand-in (SPEC §1): weights files for the CNN and the
     Transformer, e.g. classifiers trained with labels on another dataset, named honestly
     (``blood-supervised``), never passed off as ImageNet.
+
+    An init can instead be the networks of a self-supervised pretraining run shared by every dataset: ``run``,
+    a pretraining run directory (say ``cass pretrain --data A --data B ...`` on every unlabelled source a
+    user has), or ``pool``, sources the experiment pretrains on once itself. Every cell of the init then
+    starts from that one backbone: its starting-point readouts read it out, the supervised baseline
+    fine-tunes it, and the grid's self-supervised methods continue pretraining from it on ``data``.
     """
 
     name: str = "scratch"
     cnn_weights: str | None = None
     vit_weights: str | None = None
+    run: str | None = None
+    """A pretraining run directory whose ``cnn.safetensors``/``vit.safetensors`` are this init's weights; its
+    networks must be the experiment's (``pretrain.cnn``/``vit``, ``cnn_stem``, ``vit_patch_size``)."""
+    pool: list[DataConfig] = field(default_factory=list)
+    """Sources to pretrain on once, before any cell, under ``<out>/pool/<name>`` (resumable like every run of
+    the grid): the first is that run's ``data``, the others its ``more_data``; its networks are this init's
+    weights. The pretraining is one run whatever the seeds (with the first seed), so the spread over seeds
+    does not include its variance."""
+    pool_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the ``pool`` run over the experiment's ``pretrain`` section, as dotted keys, e.g.
+    ``{method: cass-vicreg, epochs: 10, balance_sources: true}``; the networks and their shape stay the
+    experiment's."""
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the init is the networks of a self-supervised pretraining run (``run`` or ``pool``)."""
+        return self.run is not None or bool(self.pool)
 
 
 @dataclass
@@ -117,7 +142,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment: init names must be unique, got {names}")
     for init in cfg.inits:
-        _check_init(init, cfg.archs)
+        _check_init(init, cfg)
     _refuse_per_cell_fields(cfg)
     _check_pretrain_overrides(cfg)
 
@@ -128,14 +153,19 @@ def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> 
         raise ConfigError(f"experiment: {option} must be a non-empty subset of {list(allowed)}, got {values}")
 
 
-def _check_init(init: InitSpec, archs: list[str]) -> None:
+def _check_init(init: InitSpec, cfg: ExperimentConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", init.name):
         raise ConfigError(f"experiment: init name {init.name!r} must use only letters, digits, '.', '_' and '-'")
+    if init.pretrained:
+        _check_pretrained_init(init, cfg)
+        return
+    if init.pool_options:
+        raise ConfigError(f"experiment: init {init.name!r}: pool_options without a pool; list its sources in pool")
     if init.name == "scratch":
         if init.cnn_weights or init.vit_weights:
             raise ConfigError("experiment: init 'scratch' takes no weights; name the init after its weights")
         return
-    for arch in archs:
+    for arch in cfg.archs:
         weights = getattr(init, f"{arch}_weights")
         if weights is None and init.name != "imagenet":
             raise ConfigError(f"experiment: init {init.name!r} needs {arch}_weights (a weights file for the {arch})")
@@ -143,8 +173,45 @@ def _check_init(init: InitSpec, archs: list[str]) -> None:
             raise ConfigError(f"experiment: init {init.name!r}: {arch}_weights file not found: {weights}")
 
 
+_SHAPE_OPTION = {"cnn": "cnn_stem", "vit": "vit_patch_size"}
+"""Besides its timm name, what makes a network of an init the same as the experiment's (its weights must fit)."""
+
+
+def _check_pretrained_init(init: InitSpec, cfg: ExperimentConfig) -> None:
+    """An init from a pretraining run: a run directory or a pool (not both, no weights files beside), whose
+    networks are the experiment's and cover every architecture of the grid."""
+    where = f"experiment: init {init.name!r}"
+    if init.name in BUILTIN_INITS or init.cnn_weights or init.vit_weights or (init.run and init.pool):
+        raise ConfigError(f"{where}: a pretraining run's networks are the init's weights: give run or pool alone, "
+                          f"without cnn_weights/vit_weights, under a name other than {' or '.join(BUILTIN_INITS)}")
+    if init.run is not None:
+        path = Path(init.run) / CONFIG
+        if not path.is_file():
+            raise ConfigError(f"{where}: run {init.run}: no {CONFIG} there (is it a cass pretrain run directory?)")
+        run = load_yaml(PretrainConfig, path)
+        missing = [arch for arch in cfg.archs if not (Path(init.run) / f"{arch}.safetensors").is_file()]
+        if missing:
+            raise ConfigError(f"{where}: run {init.run} has no {', '.join(f'{a}.safetensors' for a in missing)} "
+                              f"(its {run.method} run trains {', '.join(method_class(run.method).roles(run.arch))})")
+        shape = [key for arch in cfg.archs for key in (arch, _SHAPE_OPTION[arch])]
+        differ = [f"{key} {getattr(run, key)!r} (experiment: {getattr(cfg.pretrain, key)!r})"
+                  for key in shape if getattr(run, key) != getattr(cfg.pretrain, key)]
+        if differ:
+            raise ConfigError(f"{where}: run {init.run}'s networks are not the experiment's: {', '.join(differ)}")
+        return
+    fixed = sorted(key for key in init.pool_options
+                   if key.split(".")[0] in ("cnn", "vit", *_SHAPE_OPTION.values(), "data", "more_data", "out"))
+    if fixed:
+        raise ConfigError(f"{where}: pool_options: {', '.join(fixed)} cannot be set: the pool's sources are its "
+                          "pool list, its networks the experiment's pretrain.cnn/vit")
+    pool = merge(cfg.pretrain, init.pool_options, where=f"{where}: pool_options")
+    if missing := sorted(set(cfg.archs) - set(method_class(pool.method).roles(pool.arch))):
+        raise ConfigError(f"{where}: pool_options: a {pool.method} run trains no {', '.join(missing)}, and the "
+                          f"grid's archs {cfg.archs} each need one")
+
+
 _PER_CELL = {
-    "pretrain": ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data"),
+    "pretrain": ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data", "more_data"),
     "finetune": ("source", "arch", "cnn", "vit", "weights", "label_fraction", "seed", "out", "data", "save_model"),
 }
 
@@ -162,8 +229,8 @@ def run_labels(cfg: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
-_FIXED_BY_GRID = ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data", "batch_size",
-                  "epochs", "cnn", "vit", "img_size")
+_FIXED_BY_GRID = ("method", "arch", "init", "cnn_weights", "vit_weights", "seed", "out", "data", "more_data",
+                  "batch_size", "epochs", "cnn", "vit", "img_size")
 
 
 def _check_pretrain_overrides(cfg: ExperimentConfig) -> None:

@@ -5,7 +5,8 @@ initialisation, a label fraction and a seed, plus the pretraining batch size and
 robustness sweeps. A *pretraining run* is what the cells of a self-supervised method start from; it is
 trained once and shared by every cell that needs it: a run of a method that trains both networks
 (CASS) serves the CNN and the Transformer cells, a single-network run (DINO) the cells of its
-student's architecture, and all label fractions share a run.
+student's architecture, and all label fractions share a run. An init's ``pool`` is one more pretraining
+run (:func:`pool_config`), trained before any cell and shared by every cell of that init.
 
 Seeds: with ``pretrain_per_seed`` (the default) each seed has its own pretraining run, so the
 spread over seeds includes the variance of pretraining. ``pretrain_per_seed: false`` pretrains once
@@ -116,9 +117,11 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
 
 def readout_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every frozen-feature readout: each pretrained network of the main grid and, beside it, the same
-    network at its starting point, at every label fraction and seed."""
+    network at its starting point, at every label fraction and seed. A grid without a self-supervised method
+    has them too when an init is a pretraining run's networks (:attr:`InitSpec.pretrained`): its starting
+    point is then a pretrained backbone, read out beside the other inits' starting points."""
     pretrained = [m for m in cfg.methods if is_self_supervised(m)]
-    if not cfg.readouts or not pretrained:
+    if not cfg.readouts or not (pretrained or any(init.pretrained for init in cfg.inits)):
         return []
     batch_size, epochs = cfg.pretrain.batch_size, cfg.pretrain.epochs
     return [Cell(method, arch, init.name, fraction, seed, *((batch_size, epochs) if is_self_supervised(method)
@@ -139,8 +142,33 @@ def _init_spec(cfg: ExperimentConfig, name: str) -> InitSpec:
     return next(init for init in cfg.inits if init.name == name)
 
 
+def pool_dir(cfg: ExperimentConfig, init: InitSpec) -> Path:
+    """Where the experiment pretrains an init's ``pool``."""
+    return Path(cfg.out) / "pool" / init.name
+
+
+def pool_config(cfg: ExperimentConfig, init: InitSpec) -> PretrainConfig:
+    """The full configuration of an init's ``pool`` run: the experiment's ``pretrain`` options with the first
+    seed and the init's ``pool_options`` over them, on the pool's sources."""
+    shared = merge(dataclasses.replace(cfg.pretrain, seed=cfg.seeds[0]), init.pool_options,
+                   where=f"inits.{init.name}.pool_options")
+    return dataclasses.replace(shared, data=init.pool[0], more_data=list(init.pool[1:]), out=str(pool_dir(cfg, init)))
+
+
+def init_weights(cfg: ExperimentConfig, init: InitSpec, arch: str) -> str | None:
+    """The weights file of ``arch`` under ``init``: its ``*_weights`` file, else the network of its pretraining
+    run (``run``, or the ``pool`` run under ``out``, written before any cell needs it); None for random init
+    and for timm's own ImageNet download."""
+    if init.run is not None:
+        return str(Path(init.run) / f"{arch}.safetensors")
+    if init.pool:
+        return str(pool_dir(cfg, init) / f"{arch}.safetensors")
+    return getattr(init, f"{arch}_weights")
+
+
 def stand_in_dir(cfg: ExperimentConfig, init: InitSpec) -> Path:
-    """A directory holding ``cnn.safetensors``/``vit.safetensors`` links to a stand-in's weights.
+    """A directory holding ``cnn.safetensors``/``vit.safetensors`` links to a stand-in's weights (or to the
+    networks of the init's pretraining run).
 
     A pretraining config names one ``init`` for both networks, and a directory is how the model
     factory gives each network its own file (``<role>.safetensors``).
@@ -149,7 +177,7 @@ def stand_in_dir(cfg: ExperimentConfig, init: InitSpec) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for arch in cfg.archs:
         link = directory / f"{arch}.safetensors"
-        target = Path(getattr(init, f"{arch}_weights")).resolve()
+        target = Path(init_weights(cfg, init, arch)).resolve()
         if not (link.is_symlink() and link.resolve() == target):
             link.unlink(missing_ok=True)
             link.symlink_to(target)
@@ -181,9 +209,9 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) 
     if pretrained is not None:
         source, weights = str(pretrained), None
     elif init.name in BUILTIN_INITS:
-        source, weights = init.name, getattr(init, f"{cell.arch}_weights")
+        source, weights = init.name, init_weights(cfg, init, cell.arch)
     else:
-        source, weights = getattr(init, f"{cell.arch}_weights"), None
+        source, weights = init_weights(cfg, init, cell.arch), None
     return dataclasses.replace(
         cfg.finetune, data=cfg.data, source=source, weights=weights, arch=cell.arch, cnn=cfg.pretrain.cnn,
         vit=cfg.pretrain.vit, img_size=cfg.finetune.img_size or cfg.pretrain.img_size,

@@ -8,7 +8,8 @@ own. A directory written with a different configuration is refused, never silent
 
 Layout of ``out``: ``experiment.yaml`` (the resolved configuration: ``cass experiment --config`` on it
 reruns everything), ``environment.json`` (machine and versions of each session), ``pretrain/<run>/``,
-``finetune/<cell>/`` (a ``cass finetune`` model directory plus ``cell.json``), ``results.csv`` and
+``pool/<init>/`` (the pretraining run of an init's ``pool``), ``finetune/<cell>/`` (a ``cass finetune`` model
+directory plus ``cell.json``), ``results.csv`` and
 ``results.json`` (one row per finished cell), ``pretraining.csv`` (one row per pretraining run) and
 ``comparisons.csv``/``.json`` (the stated comparisons with their intervals: :mod:`cass.experiment.comparisons`).
 """
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,16 @@ import torch
 
 from cass.config import (
     ConfigError,
+    PretrainConfig,
     load_yaml,
     save_yaml,
     to_dict,
 )
 from cass.experiment.comparisons import comparisons, write_comparisons
 from cass.experiment.config import ExperimentConfig, validate
-from cass.experiment.plan import PretrainRun, job_configs, plan
+from cass.experiment.plan import job_configs, plan, pool_config
 from cass.experiment.results import CELL, cell_row, write_results
+from cass.methods.registry import method_class
 from cass.training.finetune import finetune
 from cass.training.pretrain import pretrain
 from cass.utils.atomic import atomic_write_text
@@ -78,16 +82,29 @@ def _differences(saved: dict[str, Any], planned: dict[str, Any], prefix: str = "
     return found
 
 
-def pretraining_finished(run_dir: Path, run: PretrainRun) -> bool:
-    """True when every exported network's weights record the run's last epoch (written after the checkpoint)."""
-    for role in run.roles:
+def pretraining_finished(run_dir: Path, roles: Sequence[str], epochs: int) -> bool:
+    """True when the weights of every network in ``roles`` record the run's last epoch (they are written after
+    the checkpoint)."""
+    for role in roles:
         path = run_dir / f"{role}.safetensors"
         try:
-            if not path.is_file() or read_info(path).get("epoch") != str(run.epochs):
+            if not path.is_file() or read_info(path).get("epoch") != str(epochs):
                 return False
         except CheckpointError:
             return False
     return True
+
+
+def _pretrain(run_cfg: PretrainConfig, roles: Sequence[str], label: str) -> None:
+    """Train (or finish) a run of the experiment unless it is done, then drop its resume state: its optimisers
+    and RNG (~4x its weights) are never needed again here (another schedule is another run); its exported
+    networks, metrics and config stay."""
+    run_dir = Path(run_cfg.out)
+    if not pretraining_finished(run_dir, roles, run_cfg.epochs):
+        resume = (run_dir / CHECKPOINT).is_file()
+        print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run_dir.name}", flush=True)
+        pretrain(run_cfg, resume=resume)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
@@ -96,28 +113,25 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.out)
     cells = plan(cfg)
     jobs = [(cell, *job_configs(cfg, cell)) for cell in cells]
-    for _, _, run_cfg, ft_cfg in jobs:  # before anything is written or trained
-        for step in (run_cfg, ft_cfg):
-            if step is not None:
-                _refuse_other_config(Path(step.out), step)
+    pools = {init.name: pool_config(cfg, init) for init in cfg.inits if init.pool}
+    for step in [*pools.values(), *(step for _, _, run_cfg, ft_cfg in jobs for step in (run_cfg, ft_cfg))]:
+        if step is not None:  # before anything is written or trained
+            _refuse_other_config(Path(step.out), step)
     save_yaml(cfg, out / EXPERIMENT_YAML)
     sessions = json.loads((out / ENVIRONMENT).read_text()) if (out / ENVIRONMENT).is_file() else []
     atomic_write_text(out / ENVIRONMENT, json.dumps([*sessions, environment()], indent=2))
-    print(f"experiment {out}: {len(cells)} cells, {len({run for _, run, _, _ in jobs} - {None})} pretraining runs",
-          flush=True)
+    print(f"experiment {out}: {len(cells)} cells, {len({run for _, run, _, _ in jobs} - {None}) + len(pools)} "
+          "pretraining runs", flush=True)
+    for name, pool_cfg in pools.items():  # before any cell: every cell of the init starts from its networks
+        _pretrain(pool_cfg, method_class(pool_cfg.method).roles(pool_cfg.arch),
+                  f"init {name}: pool of {len(pool_cfg.sources())} source(s)")
     for number, (cell, run, run_cfg, ft_cfg) in enumerate(jobs, 1):
         label = f"[{number}/{len(cells)}] {cell.describe()}"
         if (Path(ft_cfg.out) / CELL).is_file():
             print(f"{label}: done, skipped", flush=True)
             continue
-        if run is not None and not pretraining_finished(Path(run_cfg.out), run):
-            resume = (Path(run_cfg.out) / CHECKPOINT).is_file()
-            print(f"{label}: {'resuming' if resume else 'starting'} pretraining {run.name}", flush=True)
-            pretrain(run_cfg, resume=resume)
         if run is not None:
-            # A finished run's resume state (optimisers, RNG; ~4x its weights) is never needed again here:
-            # another schedule is another run. Its exported networks, metrics and config stay.
-            (Path(run_cfg.out) / CHECKPOINT).unlink(missing_ok=True)
+            _pretrain(run_cfg, run.roles, label)
         print(f"{label}: fine-tuning", flush=True)
         start = time.perf_counter()
         finetune(ft_cfg, resume=True)
