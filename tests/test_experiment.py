@@ -35,6 +35,7 @@ from cass.experiment.plan import (
 )
 from cass.experiment.run import run_experiment
 from cass.methods.dino import DINO
+from cass.reporting.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
@@ -196,12 +197,12 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
         calls["pretrain"].append((Path(run_cfg.out).name, resume))
         return real_pretrain(run_cfg, resume=resume)
 
-    def counted_finetune(ft_cfg, resume=False):
+    def counted_finetune(ft_cfg, resume=False, **kw):
         if len(calls["finetune"]) + 1 == fail["finetune_call"]:
             fail["finetune_call"] = 0
             raise KeyboardInterrupt
         calls["finetune"].append(Path(ft_cfg.out).name)
-        return real_finetune(ft_cfg, resume=resume)
+        return real_finetune(ft_cfg, resume=resume, **kw)
 
     real_pretrain, real_finetune = experiment.pretrain, experiment.finetune
     monkeypatch.setattr(experiment, "pretrain", counted_pretrain)
@@ -273,3 +274,45 @@ def test_interrupted_experiment_resumes_without_redoing_any_finished_work(shared
     changed = merge(cfg, {"finetune.lr": 1e-2})
     with pytest.raises(ConfigError, match=r"different configuration .*\(lr: 0.0003 -> 0.01\)"):
         run_experiment(changed)
+
+
+def test_budget_curve_reads_each_kept_epoch_of_one_run_and_plans_no_fine_tuning(shared_data, tmp_path):
+    data = tiny_split(shared_data, tmp_path / "data")
+    cfg = merge(load_yaml(ExperimentConfig, SMOKE), {
+        "data.data": str(data), "out": str(tmp_path / "exp"), "seeds": [0, 1], "pretrain.epochs": 2,
+        "pretrain.accelerator": "cpu", "finetune.accelerator": "cpu", "methods": ["cass"], "archs": ["cnn"],
+        "readouts": ["knn"], "label_fractions": [1.0], "readout_epochs": [1], "fine_tune": False,
+    })
+    cells = plan(cfg)
+    assert sorted(c.name for c in cells) == sorted(
+        [f"{STARTING_POINT}_cnn_scratch_f1_seed{s}_knn" for s in (0, 1)]
+        + [f"cass_cnn_scratch_bs16_ep2{at}_f1_seed{s}_knn" for s in (0, 1) for at in ("", "_at1")])
+    run = pretrain_run(cfg, next(c for c in cells if c.at_epoch == 1))
+    assert pretrain_config(cfg, run).keep_epochs == [1]
+    snapshot = finetune_config(cfg, next(c for c in cells if c.at_epoch == 1 and c.seed == 0), pretrain_dir(cfg, run))
+    assert snapshot.source == str(pretrain_dir(cfg, run) / "snapshots" / "epoch_001")
+
+    out = run_experiment(cfg)
+    curve = read_csv(out / "budget_curve.csv")
+    assert [int(r["epochs"]) for r in curve] == [0, 1, 2]  # starting point, the snapshot, the run's end
+    assert curve[0]["step_verdict"] == "" and {r["step_verdict"] for r in curve[1:]} <= {"above", "below", "unresolved"}
+    rows = json.loads((out / "results.json").read_text())
+    at_one = {r["seed"]: r["test_macro_f1"] for r in rows if r["pretrain_at_epoch"] == 1}
+    assert float(curve[1]["macro_f1"]) == pytest.approx(np.mean(list(at_one.values())), abs=1e-9)
+    spent = {r["pretrain_at_epoch"]: r["pretrain_time_s"] for r in rows if r["seed"] == 0 and r["method"] == "cass"}
+    assert 0 < spent[1] < spent[None]  # the snapshot's time is the run's time up to its epoch
+    stated = [r for r in read_csv(out / "comparisons.csv") if r["metric"] == "macro_f1"]
+    at_end = [r["test_macro_f1"] for r in rows if r["method"] == "cass" and r["pretrain_at_epoch"] is None]
+    assert len(stated) == 1 and float(stated[0]["a_mean"]) == pytest.approx(np.mean(at_end))  # snapshots not in it
+    md, _ = write_report(out)
+    assert "## Pretraining budget" in md.read_text() and (out / "report" / "figures" / "budget_curve.png").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"readout_epochs": [2]}, "readout_epochs"), ({"readout_epochs": [1], "readouts": []}, "needs readouts"),
+    ({"fine_tune": False, "readouts": []}, "nothing to run"),
+])
+def test_budget_options_that_cannot_work_are_refused(change, message):
+    cfg = merge(load_yaml(ExperimentConfig, SMOKE), {"pretrain.epochs": 2, **change})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

@@ -19,6 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
+import cass.evaluation.features as features_module
 import cass.training.finetune as ft
 from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, FinetuneConfig, load_yaml
@@ -202,3 +203,28 @@ def test_experiments_made_before_the_grid_keep_their_fixed_k():
     assert old.finetune.knn_k == 20 and "k = 20" in readout_name("knn", old.finetune)
     assert "chosen on the selection split from 1, 5, 10, 20, 50" in readout_name("knn", FinetuneConfig())
     assert "from 0.001, 0.01, 0.1, 1, 10, 100" in readout_name("logistic", FinetuneConfig())
+
+
+# --- frozen features extracted once per network ------------------------------------------------------
+
+
+def test_readouts_sharing_a_feature_store_extract_each_network_once_and_score_the_same(brain_folder, tmp_path,
+                                                                                        monkeypatch):
+    calls: list[int] = []
+    real = features_module.extract_features
+
+    def counted(net, images, *args):
+        calls.append(len(images))
+        return real(net, images, *args)
+
+    monkeypatch.setattr(features_module, "extract_features", counted)
+    store = ft.FeatureStore(tmp_path / "features")
+    first = metrics_of(ft.finetune(ft_cfg(brain_folder, tmp_path / "knn", mode="knn"), feature_store=store))
+    assert len(calls) == 3  # labelled, selection, test
+    second = metrics_of(ft.finetune(ft_cfg(brain_folder, tmp_path / "logistic", mode="logistic"), feature_store=store))
+    assert len(calls) == 3 and len(list((tmp_path / "features").glob("*.npy"))) == 3  # all three read back
+    alone = metrics_of(ft.finetune(ft_cfg(brain_folder, tmp_path / "alone", mode="logistic")))
+    assert second["macro_f1"] == alone["macro_f1"] and second["readout"] == alone["readout"]
+    assert first["readout"]["k"] >= 1
+    other_seed = ft.finetune(ft_cfg(brain_folder, tmp_path / "seed1", mode="knn", seed=1), feature_store=store)
+    assert len(calls) == 6 and metrics_of(other_seed)  # another random init: other weights, other features

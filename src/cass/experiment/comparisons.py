@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cass.evaluation.intervals import Replicated, metric_names, paired_difference, replicate
+from cass.evaluation.intervals import Replicated, interval, metric_names, paired_difference, replicate
 from cass.evaluation.predictions import Predictions, load_predictions
 from cass.experiment.config import STARTING_POINT, SUPERVISED, ExperimentConfig, is_self_supervised
 from cass.experiment.plan import plan
@@ -37,6 +37,7 @@ from cass.utils.rundir import PREDICTIONS, csv_text
 
 COMPARISONS_CSV = "comparisons.csv"
 COMPARISONS_JSON = "comparisons.json"
+BUDGET_CURVE_CSV = "budget_curve.csv"
 COMPARED_METRICS = ("macro_f1", "accuracy", "auroc")
 """Macro-F1 (the primary metric), then accuracy and AUROC (multi-label data: macro-F1 and AUROC only)."""
 
@@ -127,7 +128,7 @@ def finished_cells(cfg: ExperimentConfig, run_dir: Path) -> dict[Condition, dict
     found: dict[Condition, dict[int, str]] = defaultdict(dict)
     for cell in plan(cfg):
         if cell.batch_size in (None, cfg.pretrain.batch_size) and cell.epochs in (None, cfg.pretrain.epochs) \
-                and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+                and cell.at_epoch is None and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
             found[(cell.method, cell.arch, cell.init, cell.label_fraction, cell.mode)][cell.seed] = cell.name
     return found
 
@@ -160,6 +161,56 @@ def comparisons(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | No
                             "covers": covers(cfg, len(common)),
                         })
     return rows
+
+
+def budget_curve(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | None = None) -> list[dict[str, Any]]:
+    """The pretraining budget curve (``readout_epochs``): per pretrained method, network, init, label fraction
+    and readout, the readout's test macro-F1 after each kept epoch and at the run's end, with its interval, and
+    the paired difference from the budget before it (epoch 0: the starting point) with its verdict. Where the
+    last step's verdict is ``unresolved`` the curve has flattened within what this experiment can resolve."""
+    if not cfg.readout_epochs:
+        return []
+    kept = kept or KeptPredictions(run_dir)
+    found: dict[tuple, dict[int, str]] = defaultdict(dict)
+    for cell in plan(cfg):
+        if cell.mode in cfg.readouts and cell.epochs in (None, cfg.pretrain.epochs) \
+                and cell.batch_size in (None, cfg.pretrain.batch_size) \
+                and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+            epoch = 0 if cell.method == STARTING_POINT else cell.at_epoch or cfg.pretrain.epochs
+            found[(cell.method, cell.arch, cell.init, cell.label_fraction, cell.mode, epoch)][cell.seed] = cell.name
+    budgets = [0, *sorted(cfg.readout_epochs), cfg.pretrain.epochs]
+    rows = []
+    for method in (m for m in cfg.methods if is_self_supervised(m)):
+        for arch, init, fraction, mode in ((a, i.name, f, m) for a in cfg.archs for i in cfg.inits
+                                           for f in cfg.label_fractions for m in cfg.readouts):
+            previous: dict[int, str] = {}
+            for epoch in budgets:
+                side = found.get((STARTING_POINT if epoch == 0 else method, arch, init, fraction, mode, epoch), {})
+                seeds = sorted(side)
+                here = kept.seeds([side[s] for s in seeds], "macro_f1") if seeds else None
+                if here is None:
+                    previous = {}
+                    continue
+                value = interval(here)
+                row = {"method": method, "arch": arch, "init": init, "mode": mode, "label_fraction": fraction,
+                       "epochs": epoch, "macro_f1": _number(value.estimate), "low": _number(value.low),
+                       "high": _number(value.high), "n_seeds": len(seeds), "step_diff": None, "step_low": None,
+                       "step_high": None, "step_verdict": None}
+                common = sorted(set(previous) & set(side))
+                if common:
+                    step = paired_difference(kept.seeds([side[s] for s in common], "macro_f1"),
+                                             kept.seeds([previous[s] for s in common], "macro_f1"))
+                    row.update(step_diff=_number(step.estimate), step_low=_number(step.low),
+                               step_high=_number(step.high), step_verdict=step.verdict)
+                rows.append(row)
+                previous = side
+    return rows
+
+
+def write_budget_curve(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``budget_curve.csv`` in the experiment directory (nothing when the experiment has no budget curve)."""
+    if rows:
+        atomic_write_text(Path(run_dir) / BUDGET_CURVE_CSV, csv_text(rows))
 
 
 def _number(value: float) -> float | None:

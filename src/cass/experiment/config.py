@@ -109,6 +109,14 @@ class ExperimentConfig:
     """Pretraining epochs of the robustness sweep (CASS and DINO), e.g. [25, 50, 100]."""
     sweep_label_fractions: list[float] = field(default_factory=lambda: [1.0])
     """Label fractions at which the sweeps' pretraining runs are fine-tuned."""
+    readout_epochs: list[int] = field(default_factory=list)
+    """The pretraining budget curve: besides the end of each pretraining run, read every pretrained network out
+    after these epochs of the same run (kept with ``keep_epochs``), at every label fraction and seed, e.g.
+    [3, 10] with ``pretrain.epochs`` 30. One run per method and seed gives every budget; a snapshot is taken
+    before the learning rate has decayed, so it is a lower bound on a run of that length. The report plots
+    the readouts against the epochs and says where the last doubling gained nothing beyond its interval."""
+    fine_tune: bool = True
+    """Fine-tune every cell of the grid (``finetune.mode``); False: readouts only (a budget curve, a quick look)."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     pretrain_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options of ``pretrain`` that differ between pretraining runs, by run label (``cass``, ``dino-cnn``,
@@ -138,6 +146,13 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"experiment: {err}") from None
     if any(v < 1 for v in [*cfg.sweep_batch_sizes, *cfg.sweep_epochs]):
         raise ConfigError("experiment: sweep_batch_sizes and sweep_epochs must be positive")
+    if any(not 1 <= e < cfg.pretrain.epochs for e in cfg.readout_epochs):
+        raise ConfigError(f"experiment: readout_epochs {cfg.readout_epochs} must lie between 1 and the run's "
+                          f"{cfg.pretrain.epochs} epochs (pretrain.epochs), which is always read out")
+    if cfg.readout_epochs and not cfg.readouts:
+        raise ConfigError("experiment: readout_epochs needs readouts (knn, logistic) to read the networks out")
+    if not cfg.fine_tune and not cfg.readouts:
+        raise ConfigError("experiment: fine_tune: false and readouts: [] leave nothing to run")
     names = [init.name for init in cfg.inits]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment: init names must be unique, got {names}")

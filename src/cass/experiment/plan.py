@@ -35,6 +35,7 @@ from cass.experiment.config import (
     run_network,
 )
 from cass.methods.registry import method_class
+from cass.utils.rundir import snapshot_dir
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,19 @@ class Cell:
     """Pretraining epochs (None for the supervised baseline)."""
     mode: str = "full"
     """``full`` fine-tuning, or a frozen-feature readout (``knn``, ``logistic``)."""
+    at_epoch: int | None = None
+    """A readout of the pretraining run's networks kept after this epoch (``readout_epochs``); None: its end."""
 
     @property
     def name(self) -> str:
         pretraining = "" if self.batch_size is None else f"_bs{self.batch_size}_ep{self.epochs}"
+        pretraining += "" if self.at_epoch is None else f"_at{self.at_epoch}"
         readout = "" if self.mode == "full" else f"_{self.mode}"
         return f"{self.method}_{self.arch}_{self.init}{pretraining}_f{self.label_fraction:g}_seed{self.seed}{readout}"
 
     def describe(self) -> str:
         pretraining = "" if self.batch_size is None else f", pretraining batch {self.batch_size} x {self.epochs} epochs"
+        pretraining += "" if self.at_epoch is None else f" read out after epoch {self.at_epoch}"
         how = "fine-tuned" if self.mode == "full" else f"{self.mode} readout"
         return (f"{self.method} {self.arch} from {self.init}, {how}, {self.label_fraction * 100:g}% labels, "
                 f"seed {self.seed}{pretraining}")
@@ -100,6 +105,8 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
     settings += [(b, cfg.pretrain.epochs) for b in cfg.sweep_batch_sizes]
     settings += [(cfg.pretrain.batch_size, e) for e in cfg.sweep_epochs]
     cells: dict[Cell, None] = dict.fromkeys(readout_cells(cfg))
+    if not cfg.fine_tune:
+        return list(cells)
     for batch_size, epochs in dict.fromkeys(settings):
         is_base = (batch_size, epochs) == base
         fractions = cfg.label_fractions if is_base else cfg.sweep_label_fractions
@@ -119,15 +126,19 @@ def readout_cells(cfg: ExperimentConfig) -> list[Cell]:
     """Every frozen-feature readout: each pretrained network of the main grid and, beside it, the same
     network at its starting point, at every label fraction and seed. A grid without a self-supervised method
     has them too when an init is a pretraining run's networks (:attr:`InitSpec.pretrained`): its starting
-    point is then a pretrained backbone, read out beside the other inits' starting points."""
+    point is then a pretrained backbone, read out beside the other inits' starting points. With
+    ``readout_epochs``, each pretrained network is also read out after those epochs of its run."""
     pretrained = [m for m in cfg.methods if is_self_supervised(m)]
     if not cfg.readouts or not (pretrained or any(init.pretrained for init in cfg.inits)):
         return []
     batch_size, epochs = cfg.pretrain.batch_size, cfg.pretrain.epochs
-    return [Cell(method, arch, init.name, fraction, seed, *((batch_size, epochs) if is_self_supervised(method)
-                                                           else (None, None)), mode)
-            for init in cfg.inits for seed in cfg.seeds for method in [*pretrained, STARTING_POINT]
-            for arch in cfg.archs for fraction in cfg.label_fractions for mode in cfg.readouts]
+    at_end = [Cell(method, arch, init.name, fraction, seed, *((batch_size, epochs) if is_self_supervised(method)
+                                                             else (None, None)), mode)
+              for init in cfg.inits for seed in cfg.seeds for method in [*pretrained, STARTING_POINT]
+              for arch in cfg.archs for fraction in cfg.label_fractions for mode in cfg.readouts]
+    earlier = [dataclasses.replace(cell, at_epoch=at) for at in sorted(cfg.readout_epochs)
+               for cell in at_end if cell.method != STARTING_POINT]
+    return at_end + earlier
 
 
 def pretrain_run(cfg: ExperimentConfig, cell: Cell) -> PretrainRun | None:
@@ -196,9 +207,10 @@ def pretrain_config(cfg: ExperimentConfig, run: PretrainRun) -> PretrainConfig:
     else:
         weights = {"init": str(stand_in_dir(cfg, init))}
     shared = merge(cfg.pretrain, cfg.pretrain_overrides.get(run.label, {}), where=f"pretrain_overrides.{run.label}")
+    keep = sorted({*shared.keep_epochs, *(e for e in cfg.readout_epochs if e < run.epochs)})
     return dataclasses.replace(
         shared, method=run.method, arch=run.arch or cfg.pretrain.arch, data=cfg.data,
-        batch_size=run.batch_size, epochs=run.epochs, seed=run.seed,
+        batch_size=run.batch_size, epochs=run.epochs, seed=run.seed, keep_epochs=keep,
         out=str(pretrain_dir(cfg, run)), **weights,
     )
 
@@ -207,7 +219,7 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, pretrained: Path | None) 
     """The full configuration of one cell's fine-tuning (from its pretraining run, or its init)."""
     init = _init_spec(cfg, cell.init)
     if pretrained is not None:
-        source, weights = str(pretrained), None
+        source, weights = str(pretrained if cell.at_epoch is None else snapshot_dir(pretrained, cell.at_epoch)), None
     elif init.name in BUILTIN_INITS:
         source, weights = init.name, init_weights(cfg, init, cell.arch)
     else:

@@ -92,9 +92,14 @@ def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetun
     with open(cell_dir / "subset.csv", newline="") as fh:
         labelled = sum(1 for _ in csv.DictReader(fh))
     pre = _pretraining_summary(cfg, run) if run is not None else None
+    if pre is not None and cell.at_epoch is not None:  # a snapshot: the time its run had taken to get there
+        epochs = [row for row in read_history(pretrain_dir(cfg, run)) if 1 <= row["epoch"] <= cell.at_epoch]
+        pre = {**pre, "time_s": sum(r["epoch_time_s"] for r in epochs),
+               "device_time_s": sum(r["device_time_s"] for r in epochs)}
     return {
         "method": cell.method, "arch": cell.arch, "init": cell.init, "label_fraction": cell.label_fraction,
         "seed": cell.seed, "pretrain_batch_size": cell.batch_size, "pretrain_epochs": cell.epochs,
+        "pretrain_at_epoch": cell.at_epoch,
         "mode": cell.mode, "labelled_images": labelled, "readout_k": readout.get("k"), "readout_c": readout.get("c"),
         **{f"test_{key}": metrics.get(key) for key in SCORES},
         **{f"val_{key}": selection.get(key) for key in SCORES},

@@ -8,7 +8,8 @@ own. A directory written with a different configuration is refused, never silent
 
 Layout of ``out``: ``experiment.yaml`` (the resolved configuration: ``cass experiment --config`` on it
 reruns everything), ``environment.json`` (machine and versions of each session), ``pretrain/<run>/``,
-``pool/<init>/`` (the pretraining run of an init's ``pool``), ``finetune/<cell>/`` (a ``cass finetune`` model
+``pool/<init>/`` (the pretraining run of an init's ``pool``), ``features/`` (the readouts' frozen features,
+while cells remain), ``finetune/<cell>/`` (a ``cass finetune`` model
 directory plus ``cell.json``), ``results.csv`` and
 ``results.json`` (one row per finished cell), ``pretraining.csv`` (one row per pretraining run) and
 ``comparisons.csv``/``.json`` (the stated comparisons with their intervals: :mod:`cass.experiment.comparisons`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -34,7 +36,8 @@ from cass.config import (
     save_yaml,
     to_dict,
 )
-from cass.experiment.comparisons import comparisons, write_comparisons
+from cass.evaluation.features import FeatureStore
+from cass.experiment.comparisons import budget_curve, comparisons, write_budget_curve, write_comparisons
 from cass.experiment.config import ExperimentConfig, validate
 from cass.experiment.plan import job_configs, plan, pool_config
 from cass.experiment.results import CELL, cell_row, write_results
@@ -47,6 +50,11 @@ from cass.utils.rundir import CHECKPOINT, CONFIG
 from cass.utils.version import VERSION
 
 EXPERIMENT_YAML = "experiment.yaml"
+
+
+FEATURES = "features"
+"""Scratch folder of the readouts' frozen features (:class:`~cass.evaluation.features.FeatureStore`), deleted
+once every cell has finished."""
 
 
 ENVIRONMENT = "environment.json"
@@ -125,6 +133,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     for name, pool_cfg in pools.items():  # before any cell: every cell of the init starts from its networks
         _pretrain(pool_cfg, method_class(pool_cfg.method).roles(pool_cfg.arch),
                   f"init {name}: pool of {len(pool_cfg.sources())} source(s)")
+    features = FeatureStore(out / FEATURES)  # each frozen network's selection and test features, extracted once
     for number, (cell, run, run_cfg, ft_cfg) in enumerate(jobs, 1):
         label = f"[{number}/{len(cells)}] {cell.describe()}"
         if (Path(ft_cfg.out) / CELL).is_file():
@@ -134,14 +143,16 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             _pretrain(run_cfg, run.roles, label)
         print(f"{label}: fine-tuning", flush=True)
         start = time.perf_counter()
-        finetune(ft_cfg, resume=True)
+        finetune(ft_cfg, resume=True, feature_store=features)
         row = cell_row(cfg, cell, run, time.perf_counter() - start)
         atomic_write_text(Path(ft_cfg.out) / CELL, json.dumps(row, indent=2))
         print(f"{label}: test macro-F1 {row['test_macro_f1']:.4f} (selection {row['val_macro_f1']:.4f}; "
               f"{row['finetune_time_s']:.0f} s)", flush=True)
         write_results(cfg, cells)
     write_results(cfg, cells)
+    shutil.rmtree(out / FEATURES, ignore_errors=True)  # every cell is done: nothing will read them again
     write_comparisons(out, comparisons(cfg, out))
+    write_budget_curve(out, budget_curve(cfg, out))
     return out
 
 

@@ -37,11 +37,14 @@ from cass.experiment.config import (
     is_self_supervised,
 )
 from cass.experiment.comparisons import (
+    BUDGET_CURVE_CSV,
     COMPARISONS_CSV,
     PRETRAINING_ADDED,
     KeptPredictions,
+    budget_curve,
     comparisons,
     covers,
+    write_budget_curve,
     write_comparisons,
 )
 from cass.experiment.plan import Cell
@@ -85,13 +88,18 @@ class Report:
         self.figures.mkdir(parents=True, exist_ok=True)
         base = self.cfg.pretrain
         base_grid = [r for r in self.rows if r["pretrain_batch_size"] in (None, base.batch_size)
-                     and r["pretrain_epochs"] in (None, base.epochs)]
+                     and r["pretrain_epochs"] in (None, base.epochs) and r.get("pretrain_at_epoch") is None]
         self.main = [r for r in base_grid if r.get("mode", "full") == self.cfg.finetune.mode
                      and r["method"] != STARTING_POINT]
         self.readouts = [r for r in base_grid if r.get("mode") in self.cfg.readouts]
         self.main_runs = [r for r in self.runs if int(r["batch_size"]) == base.batch_size
                           and int(r["epochs"]) == base.epochs]
         self.kept = KeptPredictions(run_dir)
+
+    @cached_property
+    def budget_curve(self) -> list[Row]:
+        """The readouts against pretraining epochs, with their intervals (:func:`cass.experiment.comparisons.budget_curve`)."""
+        return budget_curve(self.cfg, self.run_dir, self.kept)
 
     @cached_property
     def comparisons(self) -> list[Row]:
@@ -237,6 +245,8 @@ def summary_table(run_dir: str | Path, metric: str = "macro_f1", readout: str | 
 
 
 def _section_results(report: Report) -> str:
+    if not report.cfg.fine_tune:
+        return "## Results\n\nNo fine-tuning in this experiment (`fine_tune: false`): readouts only."
     seeds = len(report.cfg.seeds)
     text = [
         "## Results",
@@ -273,6 +283,8 @@ def _metric_curves(report: Report, rows: list[Row], x_key: str) -> dict[str, dic
 
 
 def _section_fraction_curves(report: Report) -> str:
+    if not report.main:
+        return ""
     path, image = report.figure("label_fraction_curves.png", "macro-F1 against the label fraction")
     plot_curves(_metric_curves(report, report.main, "label_fraction"), path, "fraction of train labels (log)",
                 "test macro-F1", logx=True)
@@ -388,7 +400,8 @@ def _section_robustness(report: Report) -> str:
     ):
         other = "pretrain_epochs" if key == "pretrain_batch_size" else "pretrain_batch_size"
         fixed = cfg.pretrain.epochs if key == "pretrain_batch_size" else cfg.pretrain.batch_size
-        rows = [r for r in report.rows if is_self_supervised(r["method"]) and r[other] == fixed]
+        rows = [r for r in report.rows if is_self_supervised(r["method"]) and r[other] == fixed
+                and r.get("mode", "full") == cfg.finetune.mode and r.get("pretrain_at_epoch") is None]
         if not values or not rows:
             text.append(f"{xlabel.capitalize()}: not run (set `{option}` in the experiment config).")
             continue
@@ -400,6 +413,55 @@ def _section_robustness(report: Report) -> str:
             text += [f"{xlabel.capitalize()}, fine-tuned with {_fraction(fraction)} of the labels "
                      "(mean ± std over seeds):", image]
     return "\n\n".join(text)
+
+
+def _budget_label(row: Row, several_fractions: bool) -> str:
+    label = method_name(row["method"])
+    return f"{label}, {_fraction(row['label_fraction'])}" if several_fractions else label
+
+
+def _section_budget_curve(report: Report) -> str:
+    """Readouts against pretraining epochs (``readout_epochs``), and where the last doubling stopped paying."""
+    rows = [r for r in report.budget_curve if r["macro_f1"] is not None]
+    if not rows:
+        return ""
+    several = len(report.cfg.label_fractions) > 1
+    panels: dict[str, dict[str, Curve]] = {}
+    for (mode, arch), group in _groups(rows, "mode", "arch").items():
+        lines = {}
+        for (_, _, fraction), line in _groups(group, "method", "init", "label_fraction").items():
+            label = _budget_label(line[0], several) + ("" if len(report.cfg.inits) == 1 else f" / {line[0]['init']}")
+            lines[label] = Curve(
+                [r["epochs"] for r in line], [r["macro_f1"] for r in line],
+                [[r["macro_f1"] - r["low"] for r in line], [r["high"] - r["macro_f1"] for r in line]])
+        panels[f"{readout_name(mode, report.cfg.finetune)}, {ARCH_NAMES[arch]}"] = lines
+    path, image = report.figure("budget_curve.png", "readout macro-F1 against pretraining epochs")
+    plot_curves(panels, path, "pretraining epochs (0 = starting point)", "test macro-F1")
+    times = {(r["method"], r["arch"], r["init"], r["pretrain_at_epoch"] or r["pretrain_epochs"]): r["pretrain_time_s"]
+             for r in report.rows if r.get("pretrain_time_s") is not None and r["mode"] in report.cfg.readouts}
+    lines = []
+    for (method, arch, init, fraction, mode), line in _groups(rows, "method", "arch", "init", "label_fraction",
+                                                              "mode").items():
+        last = line[-1]
+        if last["step_verdict"] is None:
+            continue
+        state = ("still rising: the last step is above its interval" if last["step_verdict"] == ABOVE else
+                 "flattened: the last step is within its interval" if last["step_verdict"] == UNRESOLVED else
+                 "falling: the last step is below its interval")
+        previous = line[-2]["epochs"]
+        spent = times.get((method, arch, init, last["epochs"]))
+        lines.append(f"- {method_name(method)} {ARCH_NAMES[arch]} from {init}, {readout_name(mode, report.cfg.finetune)}, "
+                     f"{_fraction(fraction)} labels: {previous} → {last['epochs']} epochs "
+                     f"{last['step_diff']:+.3f} [{last['step_low']:+.3f}, {last['step_high']:+.3f}], {state}"
+                     + (f" ({spent:.0f} s of pretraining to epoch {last['epochs']})" if spent else ""))
+    return "\n\n".join([
+        "## Pretraining budget",
+        f"Each pretrained network read out after {', '.join(map(str, report.cfg.readout_epochs))} and "
+        f"{report.cfg.pretrain.epochs} epochs of the same run (a snapshot is taken before the learning rate has "
+        "decayed: a lower bound on a run of that length), and at its starting point (0). Test macro-F1, mean over "
+        f"seeds, bars: {report.interval_caption()}. Each step is a paired difference from the budget before it; "
+        f"`{BUDGET_CURVE_CSV}` holds every point and step.",
+        image, "\n".join(lines)])
 
 
 def _best_cells(report: Report) -> dict[tuple[str, str], Row]:
@@ -417,6 +479,8 @@ def _describe_cell(row: Row) -> str:
 
 
 def _section_confusion(report: Report) -> str:
+    if not _best_cells(report):
+        return ""
     text = ["## Confusion matrices",
             "Best cell (highest test macro-F1) of each method and network, on the test split; rows are true classes, "
             "colours the fraction of each true class, numbers the counts."]
@@ -448,6 +512,8 @@ def _validation_images(report: Report, img_size: int) -> tuple[torch.Tensor, lis
 
 
 def _section_explanations(report: Report) -> str:
+    if not _best_cells(report):
+        return ""
     text = ["## Where the networks look",
             "Best fine-tuned model of each method on the same test images. Transformer: attention of the "
             "class token to each patch in the last block, averaged over heads. CNN: Grad-CAM of the predicted "
@@ -706,9 +772,9 @@ def _section_comparisons(report: Report, metric: str = "macro_f1") -> str:
     ])
 
 
-SECTIONS = (_section_overview, _section_comparisons, _section_readouts, _section_reading_guide, _section_results,
-            _section_fraction_curves, _section_pretraining_curves, _section_time, _section_robustness,
-            _section_confusion, _section_explanations, _section_reproduce)
+SECTIONS = (_section_overview, _section_comparisons, _section_readouts, _section_budget_curve,
+            _section_reading_guide, _section_results, _section_fraction_curves, _section_pretraining_curves,
+            _section_time, _section_robustness, _section_confusion, _section_explanations, _section_reproduce)
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
@@ -733,8 +799,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     report = Report(Path(run_dir))
     if not report.rows:
         raise ConfigError(f"{run_dir}: no finished cell in {RESULTS_JSON} yet; run `cass experiment` first")
-    md_text = "\n\n".join(section(report) for section in SECTIONS) + "\n"
+    md_text = "\n\n".join(text for section in SECTIONS if (text := section(report))) + "\n"
     write_comparisons(report.run_dir, report.comparisons)
+    write_budget_curve(report.run_dir, report.budget_curve)
     report_dir = report.figures.parent
     md_path, html_path = report_dir / "report.md", report_dir / "report.html"
     atomic_write_text(md_path, md_text)

@@ -45,7 +45,7 @@ from cass.data.sources import DataError
 from cass.data.splits import three_roles
 from cass.data.subsets import label_fraction_indices, save_subset
 from cass.data.transforms import cass_augmentation, eval_transform
-from cass.evaluation.features import extract_features
+from cass.evaluation.features import FeatureStore, extract_features
 from cass.evaluation.losses import class_weights, create_loss
 from cass.evaluation.metrics import ClassificationMetrics, recording_predictions
 from cass.evaluation.predictions import save_predictions
@@ -176,8 +176,12 @@ def _model_info(cfg: FinetuneConfig, backbone: Backbone, net: Network, images: I
     }
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
-    """Fine-tune or probe one network on ``cfg.label_fraction`` of the train labels; returns the model dir."""
+def finetune(cfg: FinetuneConfig, resume: bool = False, feature_store: FeatureStore | None = None) -> Path:
+    """Fine-tune or probe one network on ``cfg.label_fraction`` of the train labels; returns the model dir.
+
+    ``feature_store``: where a readout finds the frozen features a previous readout of the same network
+    extracted (an experiment's readout cells share one); it changes the time a readout takes, never its result.
+    """
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     check_recipe(cfg)
@@ -214,7 +218,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
                  f"{net.input_size} px")
     if cfg.mode in READOUT_FILES:
         readout = _knn if cfg.mode == "knn" else _logistic
-        score, chosen_on = readout(cfg, fabric, net, labelled, selection, out, info)
+        score, chosen_on = readout(cfg, fabric, net, labelled, selection, out, info, feature_store)
     else:
         chosen_on = _train(cfg, fabric, net, parameter_groups(cfg, backbone, net), labelled, selection, out, info,
                            resume)
@@ -407,36 +411,38 @@ Scorer = Callable[[ImageSet], dict[str, Any]]
 
 
 def _knn(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
-         info: dict[str, str]) -> tuple[Scorer, dict[str, Any]]:
+         info: dict[str, str], store: FeatureStore | None) -> tuple[Scorer, dict[str, Any]]:
     """Cosine k-NN on frozen features, k chosen on the selection split from ``knn_ks`` (or ``knn_k``)."""
     if labelled.multilabel:
         raise ConfigError("--mode knn supports single-label classes only; use --mode logistic for multi-label data")
     ks = cfg.knn_ks if cfg.knn_k is None else [cfg.knn_k]
     if not ks:
         raise ConfigError("--knn-ks (knn_ks) lists no k: give at least one, or a fixed --knn-k")
-    return _readout(cfg, fabric, net, labelled, selection, out, info, "k",
+    return _readout(cfg, fabric, net, labelled, selection, out, info, store, "k",
                     lambda bank: knn_candidates(bank, labelled.targets, ks, len(labelled.classes)))
 
 
 def _logistic(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
-              info: dict[str, str]) -> tuple[Scorer, dict[str, Any]]:
+              info: dict[str, str], store: FeatureStore | None) -> tuple[Scorer, dict[str, Any]]:
     """L2 logistic regression on frozen, standardised features (one-vs-rest for multi-label data), C chosen
     on the selection split from ``logistic_cs``."""
     if not cfg.logistic_cs:
         raise ConfigError("--logistic-cs (logistic_cs) lists no C: give at least one")
-    return _readout(cfg, fabric, net, labelled, selection, out, info, "c",
+    return _readout(cfg, fabric, net, labelled, selection, out, info, store, "c",
                     lambda bank: logistic_candidates(bank, labelled.targets, cfg.logistic_cs,
                                                      len(labelled.classes), labelled.multilabel))
 
 
 def _readout(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,
-             info: dict[str, str], setting: str,
+             info: dict[str, str], store: FeatureStore | None, setting: str,
              candidates: Callable[[np.ndarray], Iterable[tuple[float, Readout]]]) -> tuple[Scorer, dict[str, Any]]:
     """Fit every candidate of the grid on the labelled images' features, keep the best on the selection
     split's (each extracted once), save it beside the network (so the model directory predicts) and return
     what scores an image set with it, with the chosen candidate's selection scores and ``readout`` record."""
+    extract = extract_features if store is None else store.features
+
     def features(images: ImageSet) -> np.ndarray:
-        return extract_features(net, images, net.input_size, cfg.batch_size, fabric.device, cfg.data.num_workers)
+        return extract(net, images, net.input_size, cfg.batch_size, fabric.device, cfg.data.num_workers)
 
     choice = choose_on_selection(candidates(features(labelled)), features(selection), selection.targets,
                                  selection.classes, selection.multilabel)

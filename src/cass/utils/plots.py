@@ -38,11 +38,12 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str 
 
 @dataclass
 class Curve:
-    """One line of a figure: y against x, with optional error bars (e.g. the std over seeds)."""
+    """One line of a figure: y against x, with optional error bars: (N,) symmetric (e.g. the std over seeds)
+    or (2, N), the distances below and above each point (an interval)."""
 
     x: Sequence[float]
     y: Sequence[float]
-    err: Sequence[float] | None = None
+    err: Sequence[float] | Sequence[Sequence[float]] | None = None
 
 
 def plot_curves(
