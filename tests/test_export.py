@@ -4,6 +4,7 @@ itself and that give the run's features, a model card whose code does what it sa
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -130,13 +131,13 @@ def test_embed_and_finetune_take_an_exported_file(run, tmp_path, monkeypatch, sh
     for argv in (["--from", str(cnn)], ["--from", str(vit)], ["--from", str(vit), "--img-size", "48"]):
         result = CliRunner().invoke(app, common + argv)
         assert result.exit_code == 0, result.output
-    assert [(c.arch, c.cnn, c.vit, c.vit_patch_size, c.img_size) for c in typed] == [
-        ("cnn", TINY_CNN, "vit_base_patch16_384", None, 32), ("vit", "resnet50", TINY_VIT, 8, 32),
-        ("vit", "resnet50", TINY_VIT, 8, 48)]
-    for ft_cfg, role in zip(typed[:2], ("cnn", "vit"), strict=True):  # fine-tuning builds the run's network
-        net = build_classifier(resolve_backbone(ft_cfg), num_classes=4).eval()
+    backbones = [resolve_backbone(c) for c in typed]  # the file names its network, shape and size
+    assert [(b.name, b.role, b.cnn_stem, b.vit_patch_size, b.img_size) for b in backbones] == [
+        (TINY_CNN, "cnn", "timm", None, 32), (TINY_VIT, "vit", "timm", 8, 32), (TINY_VIT, "vit", "timm", 8, 48)]
+    for backbone, role in zip(backbones[:2], ("cnn", "vit"), strict=True):  # fine-tuning builds the run's network
+        net = build_classifier(backbone, num_classes=4).eval()
         with torch.no_grad():
             x = torch.rand(2, 3, 32, 32)
             torch.testing.assert_close(net.features(x), run_network(run, role, cfg).features(x), rtol=1e-4, atol=1e-5)
-    result = CliRunner().invoke(app, common + ["--from", str(cnn), "--arch", "vit"])
-    assert result.exit_code == 2 and "holds a cnn backbone (resnet18), not a vit" in result.output
+    with pytest.raises(ConfigError, match=r"holds a cnn backbone \(resnet18\), not a vit"):
+        resolve_backbone(dataclasses.replace(typed[0], arch="vit"))

@@ -133,24 +133,7 @@ def finetune(
     from cass.training.finetune import finetune as run_finetune
 
     cfg = merge(load_yaml(FinetuneConfig, config) if config else FinetuneConfig(), overrides)
-    run_finetune(_from_exported_backbone(cfg, overrides), resume=resume)
-
-
-def _from_exported_backbone(cfg: FinetuneConfig, typed: dict[str, Any]) -> FinetuneConfig:
-    """``--from FILE`` written by ``cass export``: the file names its network, its shape (small stem, patch size)
-    and its input size, so none needs typing. A typed ``--img-size`` wins; a typed ``--arch`` that is not the
-    file's is refused (the weights would not fit)."""
-    from cass.models.backbone import backbone_info
-
-    info = backbone_info(cfg.source)
-    if info is None:
-        return cfg
-    if typed.get("arch", info.arch) != info.arch:
-        raise ConfigError(f"--from {cfg.source} holds a {info.arch} backbone ({info.timm_name}), not a "
-                          f"{typed['arch']}; leave --arch out")
-    shape = {"cnn_stem": info.cnn_stem} if info.arch == "cnn" else {"vit_patch_size": info.patch_size}
-    return merge(cfg, {"arch": info.arch, info.arch: info.timm_name, **shape,
-                       "img_size": typed.get("img_size", info.img_size)}, where=f"--from {cfg.source}")
+    run_finetune(cfg, resume=resume)
 
 
 @app.command()

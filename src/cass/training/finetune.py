@@ -58,6 +58,7 @@ from cass.evaluation.readouts import (
     readout_scores,
 )
 from cass.methods.registry import method_class
+from cass.models.backbone import backbone_info
 from cass.models.factory import Network, create_network, shape_options
 from cass.models.weights import load_state_dict_file
 from cass.training.fabric import make_fabric
@@ -119,7 +120,8 @@ def check_source(cfg: FinetuneConfig) -> None:
 
 
 def resolve_backbone(cfg: FinetuneConfig) -> Backbone:
-    """Read a pretraining run's config so the right network of the right method is fine-tuned.
+    """Read a pretraining run's config (or an exported backbone's metadata) so the right network of the right
+    method is fine-tuned.
 
     ``cfg.arch`` None means the run's network when it trained only one (its method says so), else the CNN.
     """
@@ -141,6 +143,13 @@ def resolve_backbone(cfg: FinetuneConfig) -> Backbone:
         arch = arch or "cnn"
         name = pre.cnn if arch == "cnn" else pre.vit
         return Backbone(name, str(source), None, cfg.img_size or pre.img_size, arch, pre.cnn_stem, pre.vit_patch_size)
+    exported = backbone_info(source) if source.is_file() else None
+    if exported is not None:  # written by ``cass export``: it names its network, shape and input size
+        if cfg.arch not in (None, exported.arch):
+            raise ConfigError(f"--from {source} holds a {exported.arch} backbone ({exported.timm_name}), not a "
+                              f"{cfg.arch}; leave --arch out")
+        return Backbone(exported.timm_name, str(source), None, cfg.img_size or exported.img_size, exported.arch,
+                        exported.cnn_stem, exported.patch_size)
     arch = cfg.arch or "cnn"
     name = cfg.cnn if arch == "cnn" else cfg.vit
     return Backbone(name, cfg.source, cfg.weights, cfg.img_size, arch, cfg.cnn_stem, cfg.vit_patch_size)
