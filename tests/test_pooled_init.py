@@ -15,6 +15,7 @@ from test_experiment import tiny_split
 import cass.experiment.run as experiment
 from cass.config import ConfigError, DataConfig, FinetuneConfig, PretrainConfig, from_dict, load_yaml, save_yaml, to_dict
 from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, validate
+from cass.experiment.comparisons import stated_comparisons
 from cass.experiment.plan import finetune_config, plan, pool_config, pool_dir, pretrain_config, pretrain_run
 from cass.experiment.run import run_experiment
 
@@ -52,6 +53,12 @@ def test_a_pool_init_is_planned_as_one_shared_run(tmp_path):
         else:  # per-dataset pretraining continues from the pooled backbone
             init = Path(pretrain_config(cfg, run_cell).init)
             assert (init / "cnn.safetensors").resolve() == Path(network).resolve()
+    # stated across inits: the pooled backbone against random init and against per-dataset pretraining
+    across = [(s.a, s.a_init, s.b, s.b_init, s.mode) for s in stated_comparisons(cfg) if s.a_init is not None]
+    assert across == [(STARTING_POINT, "pooled", STARTING_POINT, "scratch", "knn"),
+                      (STARTING_POINT, "pooled", "cass-vicreg", "scratch", "knn"),
+                      ("supervised", "pooled", "supervised", "scratch", "full"),
+                      ("supervised", "pooled", "cass-vicreg", "scratch", "full")]
     # a grid with no self-supervised method still reads out the pooled backbone beside the other inits
     supervised_only = [c for c in plan(pooled_grid(tmp_path / "x", pool)) if c.mode == "knn"]
     assert {(c.method, c.init) for c in supervised_only} == {(STARTING_POINT, "scratch"), (STARTING_POINT, "pooled")}
@@ -97,8 +104,8 @@ def test_experiment_pretrains_its_pool_once_and_every_cell_of_the_init_starts_fr
     real_pretrain, real_finetune = experiment.pretrain, experiment.finetune
     monkeypatch.setattr(experiment, "pretrain", lambda c, resume=False: calls["pretrain"].append(c.out)
                         or real_pretrain(c, resume=resume))
-    monkeypatch.setattr(experiment, "finetune", lambda c, resume=False: calls["finetune"].append(c.out)
-                        or real_finetune(c, resume=resume))
+    monkeypatch.setattr(experiment, "finetune", lambda c, resume=False, **kw: calls["finetune"].append(c.out)
+                        or real_finetune(c, resume=resume, **kw))
     out = run_experiment(cfg)
     pool = out / "pool" / "pooled"
     assert calls["pretrain"] == [str(pool)] and len(calls["finetune"]) == 4
@@ -115,6 +122,11 @@ def test_experiment_pretrains_its_pool_once_and_every_cell_of_the_init_starts_fr
         assert tested and tested <= {r["file"] for r in read_rows(pool / "held_out.csv") if r["split"] == "test"}
     assert load_yaml(FinetuneConfig, Path(rows[("supervised", "scratch", "full")]["finetune_dir"]) / "config.yaml"
                      ).source == "scratch"
+
+    shared = {(r["a"], r["init"], r["b"], r["b_init"], r["mode"]) for r in read_rows(out / "comparisons.csv")
+              if r["comparison"] == "shared backbone" and r["metric"] == "macro_f1"}
+    assert shared == {(STARTING_POINT, "pooled", STARTING_POINT, "scratch", "knn"),
+                      ("supervised", "pooled", "supervised", "scratch", "full")}
 
     calls["pretrain"], calls["finetune"] = [], []
     run_experiment(cfg)  # resumed: nothing is redone

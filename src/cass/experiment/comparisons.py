@@ -44,29 +44,56 @@ COMPARED_METRICS = ("macro_f1", "accuracy", "auroc")
 PRETRAINING_ADDED = "pretraining added"
 AGAINST_SUPERVISED = "against supervised"
 AGAINST_METHOD = "against another method"
+AGAINST_INIT = "shared backbone"
 
 
 @dataclass(frozen=True)
 class Stated:
-    """One stated comparison ``a - b`` in one mode, before the grid's networks and fractions fill it in."""
+    """One stated comparison ``a - b`` in one mode, before the grid's networks and fractions fill it in.
+
+    ``a_init``/``b_init`` None: both sides under the same init, for every init of the grid; set: a comparison
+    across inits (a shared pretrained backbone against the grid's own starting point or pretraining)."""
 
     comparison: str
     a: str
     b: str
     mode: str
+    a_init: str | None = None
+    b_init: str | None = None
 
 
 def stated_comparisons(cfg: ExperimentConfig) -> list[Stated]:
     """Every comparison the experiment states, in the order the report lists them."""
     pretrained = [m for m in cfg.methods if is_self_supervised(m)]
+    modes = [*cfg.readouts, *([cfg.finetune.mode] if cfg.fine_tune else [])]
     found = []
-    for mode in dict.fromkeys([*cfg.readouts, cfg.finetune.mode]):
+    for mode in dict.fromkeys(modes):
         baselines = [(PRETRAINING_ADDED, STARTING_POINT)] if mode in cfg.readouts else []
         if mode == cfg.finetune.mode and SUPERVISED in cfg.methods:
             baselines.append((AGAINST_SUPERVISED, SUPERVISED))
         for a in pretrained:
             found += [Stated(kind, a, b, mode) for kind, b in baselines]
             found += [Stated(AGAINST_METHOD, a, b, mode) for b in method_class(a).compared_with if b in pretrained]
+    return found + shared_backbone_comparisons(cfg, modes)
+
+
+def shared_backbone_comparisons(cfg: ExperimentConfig, modes: Sequence[str]) -> list[Stated]:
+    """An init that is a pretraining run's networks (a backbone pooled over several datasets), against the
+    grid's first init that is not (e.g. ``scratch``): its readout against that init's starting point (what the
+    shared backbone adds over random init) and against each method pretrained on this dataset alone; its
+    supervised fine-tuning against supervised fine-tuning from that init and against each pretrained method
+    fine-tuned. The question a user with one backbone for every task asks: is it worth it here?"""
+    base = next((init.name for init in cfg.inits if not init.pretrained), None)
+    if base is None:
+        return []
+    pretrained = [m for m in cfg.methods if is_self_supervised(m)]
+    found = []
+    for shared in (init.name for init in cfg.inits if init.pretrained):
+        for mode in modes:
+            own = STARTING_POINT if mode in cfg.readouts else SUPERVISED
+            if own == SUPERVISED and SUPERVISED not in cfg.methods:
+                continue
+            found += [Stated(AGAINST_INIT, own, b, mode, shared, base) for b in (own, *pretrained)]
     return found
 
 
@@ -139,10 +166,12 @@ def comparisons(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | No
     cells = finished_cells(cfg, run_dir)
     rows = []
     for s in stated_comparisons(cfg):
+        inits = [i.name for i in cfg.inits] if s.a_init is None else [s.a_init]
         for arch in cfg.archs:
-            for init in (i.name for i in cfg.inits):
+            for init in inits:
                 for fraction in cfg.label_fractions:
-                    a, b = (cells.get((m, arch, init, fraction, s.mode), {}) for m in (s.a, s.b))
+                    a = cells.get((s.a, arch, init, fraction, s.mode), {})
+                    b = cells.get((s.b, arch, s.b_init or init, fraction, s.mode), {})
                     common = sorted(set(a) & set(b))
                     for metric in COMPARED_METRICS:
                         seeds_a, seeds_b = (kept.seeds([side[seed] for seed in common], metric) for side in (a, b))
@@ -151,6 +180,7 @@ def comparisons(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | No
                         result = paired_difference(seeds_a, seeds_b)
                         rows.append({
                             "comparison": s.comparison, "a": s.a, "b": s.b, "arch": arch, "init": init,
+                            "b_init": s.b_init or init,
                             "mode": s.mode, "label_fraction": fraction, "metric": metric,
                             "a_mean": _number(np.mean([x.point for x in seeds_a])),
                             "b_mean": _number(np.mean([x.point for x in seeds_b])),

@@ -722,11 +722,15 @@ MODE_LABELS = {"full": "fine-tuned", "linear": "linear probe", "knn": "k-NN", "l
 
 
 def _comparison_label(report: Report, row: Row) -> str:
-    """``CASS − starting point, CNN, k-NN, 10%`` (and the init when the experiment has several)."""
+    """``CASS − starting point, CNN, k-NN, 10%`` (and the init when the experiment has several; each side's
+    init when they differ: ``starting point (pooled) − CASS-VICReg (scratch), ...``)."""
     names = ["starting point" if m == STARTING_POINT else method_name(m) for m in (row["a"], row["b"])]
+    across = row.get("b_init", row["init"]) != row["init"]
+    if across:
+        names = [f"{names[0]} ({row['init']})", f"{names[1]} ({row['b_init']})"]
     parts = [" − ".join(names), ARCH_NAMES[row["arch"]], MODE_LABELS.get(row["mode"], row["mode"]),
              _fraction(row["label_fraction"])]
-    if len(report.cfg.inits) > 1:
+    if len(report.cfg.inits) > 1 and not across:
         parts.insert(2, row["init"])
     return ", ".join(parts)
 
