@@ -59,6 +59,16 @@ def test_a_pool_init_is_planned_as_one_shared_run(tmp_path):
                       (STARTING_POINT, "pooled", "cass-vicreg", "scratch", "knn"),
                       ("supervised", "pooled", "supervised", "scratch", "full"),
                       ("supervised", "pooled", "cass-vicreg", "scratch", "full")]
+    # the pooled backbone used as it is: no per-dataset pretraining continued from it
+    as_is = pooled_grid(tmp_path / "exp", pool, methods=["cass-vicreg", "supervised"], inits=[
+        InitSpec("scratch"), InitSpec("pooled", pool=pool, pool_options=dict(POOL_OPTIONS), methods=["supervised"])])
+    validate(as_is)
+    assert {(c.method, c.init, c.mode) for c in plan(as_is)} == {
+        (STARTING_POINT, "scratch", "knn"), ("cass-vicreg", "scratch", "knn"), ("cass-vicreg", "scratch", "full"),
+        ("supervised", "scratch", "full"), (STARTING_POINT, "pooled", "knn"), ("supervised", "pooled", "full")}
+    as_is.inits[1].methods = ["dino"]
+    with pytest.raises(ConfigError, match=r"init 'pooled': methods \['dino'\] must be a non-empty subset"):
+        validate(as_is)
     # a grid with no self-supervised method still reads out the pooled backbone beside the other inits
     supervised_only = [c for c in plan(pooled_grid(tmp_path / "x", pool)) if c.mode == "knn"]
     assert {(c.method, c.init) for c in supervised_only} == {(STARTING_POINT, "scratch"), (STARTING_POINT, "pooled")}

@@ -74,6 +74,14 @@ class InitSpec:
     """Options of the ``pool`` run over the experiment's ``pretrain`` section, as dotted keys, e.g.
     ``{method: cass-vicreg, epochs: 10, balance_sources: true}``; the networks and their shape stay the
     experiment's."""
+    methods: list[str] | None = None
+    """The grid's methods run under this init (a subset of the experiment's ``methods``); None: all of them.
+    E.g. ``[supervised]`` for a shared backbone that is fine-tuned and read out as it is, without a
+    per-dataset pretraining continued from it (which costs a pretraining run per method and seed)."""
+
+    def runs(self, method: str) -> bool:
+        """Whether ``method`` has cells under this init."""
+        return self.methods is None or method in self.methods
 
     @property
     def pretrained(self) -> bool:
@@ -171,6 +179,9 @@ def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> 
 def _check_init(init: InitSpec, cfg: ExperimentConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", init.name):
         raise ConfigError(f"experiment: init name {init.name!r} must use only letters, digits, '.', '_' and '-'")
+    if init.methods is not None and (not init.methods or set(init.methods) - set(cfg.methods)):
+        raise ConfigError(f"experiment: init {init.name!r}: methods {init.methods} must be a non-empty subset of "
+                          f"the experiment's methods {cfg.methods}")
     if init.pretrained:
         _check_pretrained_init(init, cfg)
         return

@@ -113,7 +113,7 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
         methods = cfg.methods if is_base else [m for m in cfg.methods if is_self_supervised(m)]
         for init in cfg.inits:
             for seed in cfg.seeds:
-                for method in methods:
+                for method in filter(init.runs, methods):
                     pretrained = is_self_supervised(method)
                     for arch in cfg.archs:
                         for fraction in fractions:
@@ -134,8 +134,8 @@ def readout_cells(cfg: ExperimentConfig) -> list[Cell]:
     batch_size, epochs = cfg.pretrain.batch_size, cfg.pretrain.epochs
     at_end = [Cell(method, arch, init.name, fraction, seed, *((batch_size, epochs) if is_self_supervised(method)
                                                              else (None, None)), mode)
-              for init in cfg.inits for seed in cfg.seeds for method in [*pretrained, STARTING_POINT]
-              for arch in cfg.archs for fraction in cfg.label_fractions for mode in cfg.readouts]
+              for init in cfg.inits for seed in cfg.seeds
+              for method in [*filter(init.runs, pretrained), STARTING_POINT] for arch in cfg.archs for fraction in cfg.label_fractions for mode in cfg.readouts]
     earlier = [dataclasses.replace(cell, at_epoch=at) for at in sorted(cfg.readout_epochs)
                for cell in at_end if cell.method != STARTING_POINT]
     return at_end + earlier
