@@ -316,3 +316,11 @@ def test_budget_options_that_cannot_work_are_refused(change, message):
     cfg = merge(load_yaml(ExperimentConfig, SMOKE), {"pretrain.epochs": 2, **change})
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_pretraining_configs_load_and_round_trip(path):
+    cfg = load_yaml(PretrainConfig, path)
+    assert from_dict(PretrainConfig, to_dict(cfg)) == cfg
+    for source in cfg.sources():
+        assert source.data is None or (path.parent / ".." / ".." / source.data).resolve().exists(), source.data
