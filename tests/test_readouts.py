@@ -32,7 +32,6 @@ from cass.experiment.results import cell_row
 from cass.reporting.report import readout_name
 from cass.utils.checkpoint import read_info
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def ft_cfg(data: Path, out: Path, **kw: Any) -> FinetuneConfig:
@@ -198,8 +197,10 @@ def test_results_rows_carry_the_chosen_k_and_c(tmp_path):
                                                         "full": (None, None)}[mode]
 
 
-def test_experiments_made_before_the_grid_keep_their_fixed_k():
-    old = load_yaml(ExperimentConfig, RESULTS / "blood_pbc_cpu" / "experiment.yaml")
+def test_experiments_made_before_the_grid_keep_their_fixed_k(tmp_path):
+    # an experiment.yaml of the 2026-12-03 comparisons: their finetune section fixed k = 20
+    (tmp_path / "experiment.yaml").write_text("finetune:\n  knn_k: 20\n")
+    old = load_yaml(ExperimentConfig, tmp_path / "experiment.yaml")
     assert old.finetune.knn_k == 20 and "k = 20" in readout_name("knn", old.finetune)
     assert "chosen on the selection split from 1, 5, 10, 20, 50" in readout_name("knn", FinetuneConfig())
     assert "from 0.001, 0.01, 0.1, 1, 10, 100" in readout_name("logistic", FinetuneConfig())
