@@ -192,6 +192,7 @@ def test_the_demo_headline_lists_only_resolved_comparisons_largest_first(experim
     assert lines[0].startswith("- DINO") and lines[0].endswith("-0.300 [-0.450, -0.100] below")
     assert lines[1].startswith("- CASS − starting point") and "above" in lines[1]
     assert lines[2] == "(1 other comparison(s) unresolved: their interval contains 0.)"  # accuracy not counted
+    assert resolved_findings(experiment_dir, most=1).splitlines()[1] == "- ... and 1 more resolved (comparisons.csv)"
     monkeypatch.setattr(Report, "comparisons", property(lambda self: stated[2:3]))
     assert resolved_findings(experiment_dir).startswith("None of the 1 stated comparisons is resolved")
 

@@ -735,10 +735,10 @@ def _comparison_label(report: Report, row: Row) -> str:
     return ", ".join(parts)
 
 
-def resolved_findings(run_dir: str | Path, metric: str = "macro_f1") -> str:
-    """The stated comparisons whose paired 95 % interval excludes 0, largest difference first, one per line
-    (what ``cass demo`` leads with: a finding, not a table of differences within the noise), and how many
-    others stay unresolved."""
+def resolved_findings(run_dir: str | Path, metric: str = "macro_f1", most: int = 10) -> str:
+    """The stated comparisons whose paired 95 % interval excludes 0, largest difference first, one per line,
+    at most ``most`` of them (what ``cass demo`` leads with: a finding, not a table of differences within the
+    noise), and how many others stay unresolved."""
     report = Report(Path(run_dir))
     rows = [r for r in report.comparisons if r["metric"] == metric and r["diff"] is not None]
     resolved = sorted((r for r in rows if r["verdict"] in (ABOVE, BELOW)), key=lambda r: -abs(r["diff"]))
@@ -746,7 +746,9 @@ def resolved_findings(run_dir: str | Path, metric: str = "macro_f1") -> str:
     if not resolved:
         return (f"None of the {len(rows)} stated comparisons is resolved: every paired 95 % interval of test "
                 f"{METRIC_NAMES[metric]} contains 0 at this budget.")
-    lines = [f"- {_comparison_label(report, r)}: {_difference(r)}" for r in resolved]
+    lines = [f"- {_comparison_label(report, r)}: {_difference(r)}" for r in resolved[:most]]
+    if len(resolved) > most:
+        lines.append(f"- ... and {len(resolved) - most} more resolved ({COMPARISONS_CSV})")
     return "\n".join([*lines, f"({unresolved} other comparison(s) unresolved: their interval contains 0.)"])
 
 
