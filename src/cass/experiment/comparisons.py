@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import numpy as np
 from cass.evaluation.intervals import Replicated, interval, metric_names, paired_difference, replicate
 from cass.evaluation.predictions import Predictions, load_predictions
 from cass.experiment.config import STARTING_POINT, SUPERVISED, ExperimentConfig, is_self_supervised
-from cass.experiment.plan import plan
+from cass.experiment.plan import Cell, plan
 from cass.experiment.results import CELL
 from cass.methods.registry import method_class
 from cass.utils.atomic import atomic_write_text
@@ -153,11 +153,18 @@ Condition = tuple[str, str, str, float, str]
 def finished_cells(cfg: ExperimentConfig, run_dir: Path) -> dict[Condition, dict[int, str]]:
     """The finished cells of the base pretraining schedule, by condition and seed."""
     found: dict[Condition, dict[int, str]] = defaultdict(dict)
-    for cell in plan(cfg):
-        if cell.batch_size in (None, cfg.pretrain.batch_size) and cell.epochs in (None, cfg.pretrain.epochs) \
-                and cell.at_epoch is None and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+    for cell in _finished_base_cells(cfg, run_dir):
+        if cell.at_epoch is None:
             found[(cell.method, cell.arch, cell.init, cell.label_fraction, cell.mode)][cell.seed] = cell.name
     return found
+
+
+def _finished_base_cells(cfg: ExperimentConfig, run_dir: Path) -> Iterator[Cell]:
+    """The finished cells of the base pretraining schedule (batch size and epochs; not the sweeps)."""
+    for cell in plan(cfg):
+        if cell.batch_size in (None, cfg.pretrain.batch_size) and cell.epochs in (None, cfg.pretrain.epochs) \
+                and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+            yield cell
 
 
 def comparisons(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | None = None) -> list[dict[str, Any]]:
@@ -202,10 +209,8 @@ def budget_curve(cfg: ExperimentConfig, run_dir: Path, kept: KeptPredictions | N
         return []
     kept = kept or KeptPredictions(run_dir)
     found: dict[tuple, dict[int, str]] = defaultdict(dict)
-    for cell in plan(cfg):
-        if cell.mode in cfg.readouts and cell.epochs in (None, cfg.pretrain.epochs) \
-                and cell.batch_size in (None, cfg.pretrain.batch_size) \
-                and (Path(run_dir) / "finetune" / cell.name / CELL).is_file():
+    for cell in _finished_base_cells(cfg, run_dir):
+        if cell.mode in cfg.readouts:
             epoch = 0 if cell.method == STARTING_POINT else cell.at_epoch or cfg.pretrain.epochs
             found[(cell.method, cell.arch, cell.init, cell.label_fraction, cell.mode, epoch)][cell.seed] = cell.name
     budgets = [0, *sorted(cfg.readout_epochs), cfg.pretrain.epochs]
