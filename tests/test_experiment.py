@@ -21,6 +21,7 @@ from cass.config import (
     from_dict,
     load_yaml,
     merge,
+    save_yaml,
     to_dict,
 )
 from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, run_labels, validate
@@ -306,6 +307,28 @@ def test_budget_curve_reads_each_kept_epoch_of_one_run_and_plans_no_fine_tuning(
     assert len(stated) == 1 and float(stated[0]["a_mean"]) == pytest.approx(np.mean(at_end))  # snapshots not in it
     md, _ = write_report(out)
     assert "## Pretraining budget" in md.read_text() and (out / "report" / "figures" / "budget_curve.png").is_file()
+
+
+def test_readouts_first_then_fine_tuning_adds_cells_without_redoing_any(shared_data, tmp_path):
+    """``--readouts-only`` runs the pretraining and the readouts of a grid; the same command without it then
+    adds only the fine-tuning cells: every readout and the pretraining run are skipped, not redone."""
+    data = tiny_split(shared_data, tmp_path / "data")
+    cfg = merge(load_yaml(ExperimentConfig, SMOKE), {
+        "data.data": str(data), "out": str(tmp_path / "exp"), "seeds": [0], "pretrain.accelerator": "cpu",
+        "finetune.accelerator": "cpu", "methods": ["cass"], "archs": ["cnn"], "readouts": ["knn"],
+        "label_fractions": [1.0],
+    })
+    config = tmp_path / "experiment.yaml"
+    save_yaml(cfg, config)
+    first = CliRunner().invoke(app, ["experiment", "--config", str(config), "--readouts-only"])
+    assert first.exit_code == 0, first.output
+    assert {r["mode"] for r in json.loads((Path(cfg.out) / "results.json").read_text())} == {"knn"}
+    second = CliRunner().invoke(app, ["experiment", "--config", str(config)])
+    assert second.exit_code == 0, second.output
+    assert second.output.count("done, skipped") == 2 and "ing pretraining" not in second.output  # not redone
+    rows = json.loads((Path(cfg.out) / "results.json").read_text())
+    assert sorted((r["method"], r["mode"]) for r in rows) == [
+        ("cass", "full"), ("cass", "knn"), (STARTING_POINT, "knn")]
 
 
 @pytest.mark.parametrize("change, message", [

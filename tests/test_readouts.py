@@ -25,8 +25,8 @@ from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, FinetuneConfig, load_yaml
 from cass.data.dataset import ImageSet
 from cass.evaluation.inference import evaluate, load_classifier
-from cass.evaluation.readouts import fit_logistic, knn_grid
-from cass.experiment.config import ExperimentConfig, validate
+from cass.evaluation.readouts import READOUT_FILES, fit_logistic, knn_grid
+from cass.experiment.config import READOUTS, ExperimentConfig, validate
 from cass.experiment.plan import Cell
 from cass.experiment.results import cell_row
 from cass.reporting.report import readout_name
@@ -229,3 +229,8 @@ def test_readouts_sharing_a_feature_store_extract_each_network_once_and_score_th
     assert first["readout"]["k"] >= 1
     other_seed = ft.finetune(ft_cfg(brain_folder, tmp_path / "seed1", mode="knn", seed=1), feature_store=store)
     assert len(calls) == 6 and metrics_of(other_seed)  # another random init: other weights, other features
+
+
+def test_every_readout_mode_has_one_fit_and_one_saved_file_and_experiments_offer_exactly_those():
+    assert set(ft.READOUT_FITS) == set(READOUT_FILES) == set(READOUTS)
+    assert set(ft.READOUT_FITS) < set(ft.MODES)

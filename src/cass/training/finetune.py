@@ -225,9 +225,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, feature_store: FeatureSt
     fabric.print(f"{cfg.mode} {backbone.role} {backbone.name} from {backbone.init}: {len(labelled)} labelled images "
                  f"({cfg.label_fraction:.0%}), {len(selection)} selection (val) images, {len(test)} test images, "
                  f"{net.input_size} px")
-    if cfg.mode in READOUT_FILES:
-        readout = _knn if cfg.mode == "knn" else _logistic
-        score, chosen_on = readout(cfg, fabric, net, labelled, selection, out, info, feature_store)
+    if cfg.mode in READOUT_FITS:
+        score, chosen_on = READOUT_FITS[cfg.mode](cfg, fabric, net, labelled, selection, out, info, feature_store)
     else:
         chosen_on = _train(cfg, fabric, net, parameter_groups(cfg, backbone, net), labelled, selection, out, info,
                            resume)
@@ -440,6 +439,10 @@ def _logistic(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet
     return _readout(cfg, fabric, net, labelled, selection, out, info, store, "c",
                     lambda bank: logistic_candidates(bank, labelled.targets, cfg.logistic_cs,
                                                      len(labelled.classes), labelled.multilabel))
+
+
+READOUT_FITS = {"knn": _knn, "logistic": _logistic}
+"""How each frozen-feature readout mode is fitted, by ``mode`` (its saved file: ``READOUT_FILES``)."""
 
 
 def _readout(cfg: FinetuneConfig, fabric: Any, net: Network, labelled: ImageSet, selection: ImageSet, out: Path,

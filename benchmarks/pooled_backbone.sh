@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The shared-backbone comparison (issue 20): one cass-vicreg backbone pretrained on the unlabelled train
+# splits of brain MRI, blood cells, PneumoniaMNIST and BreastMNIST (configs/pretrain/pooled_cpu.yaml), then,
+# on each dataset at 1 % and 10 % labels, readouts and fine-tuning from it against per-dataset pretraining,
+# a stand-in for ImageNet weights and supervised training (configs/experiments/pooled_<dataset>_cpu.yaml).
+#
+#   bash benchmarks/pooled_backbone.sh            # everything; rerun to resume where it stopped
+#   bash benchmarks/pooled_backbone.sh brain      # only these datasets' experiments (after the pooled run)
+#
+# Order, so that an interrupted run leaves the most answer per CPU hour: the pooled pretraining, the two
+# stand-ins, every dataset's readouts (`--readouts-only`), then every dataset's fine-tuning; each step skips
+# what is finished. A report is written after each experiment step (part-done reports say how many cells).
+set -euo pipefail
+CASS=.venv/bin/cass
+DATASETS=("${@:-brain blood pneumonia breast}")
+read -r -a DATASETS <<< "${DATASETS[*]}"
+POOLED=runs/pooled_cpu
+
+if [ ! -f "${POOLED}_export/MODEL_CARD.md" ]; then  # exported once the pretraining has finished
+  if [ -f "$POOLED/checkpoint.safetensors" ]; then
+    $CASS pretrain --resume "$POOLED"
+  else
+    $CASS pretrain --config configs/pretrain/pooled_cpu.yaml
+  fi
+  $CASS export "$POOLED" --out "${POOLED}_export"
+fi
+bash benchmarks/standin.sh blood 64
+bash benchmarks/standin.sh brain 64
+
+for pass in --readouts-only ""; do
+  for ds in "${DATASETS[@]}"; do
+    $CASS experiment --config "configs/experiments/pooled_${ds}_cpu.yaml" $pass
+    $CASS report "runs/pooled_${ds}_cpu"
+  done
+done
