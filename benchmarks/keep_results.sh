@@ -4,7 +4,8 @@
 # results.csv/json (every cell), comparisons.csv/json (the stated paired differences), pretraining.csv,
 # environment.json, experiment.yaml, held_out.csv (the test and selection images carved from train, with their
 # groups), each pretraining run's per-epoch metrics.csv and start.csv (epoch 0), each cell's per-image test
-# predictions (finetune/<cell>/test_predictions.csv: what the intervals are computed from), and the report.
+# predictions (finetune/<cell>/test_predictions.csv: what the intervals are computed from), the budget curve
+# (budget_curve.csv) when the experiment reads snapshots out, and the report.
 set -euo pipefail
 RUN=${1:?experiment directory}
 OUT=${2:?results directory}
@@ -13,6 +14,7 @@ mkdir -p "$OUT/pretrain"
 for f in results.csv results.json comparisons.csv comparisons.json pretraining.csv environment.json experiment.yaml; do
   cp "$RUN/$f" "$OUT/"
 done
+[ -f "$RUN/budget_curve.csv" ] && cp "$RUN/budget_curve.csv" "$OUT/"
 for cell in "$RUN"/finetune/*/; do
   if [ -f "$cell/test_predictions.csv" ]; then
     mkdir -p "$OUT/finetune/$(basename "$cell")"

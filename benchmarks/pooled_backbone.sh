@@ -33,3 +33,12 @@ for pass in --readouts-only ""; do
     $CASS report "runs/pooled_${ds}_cpu"
   done
 done
+
+# The model card with what the backbone did on each dataset, then the files kept under results/.
+EXPERIMENTS=(); for ds in "${DATASETS[@]}"; do EXPERIMENTS+=(--experiment "runs/pooled_${ds}_cpu"); done
+$CASS export "$POOLED" --out "${POOLED}_export" "${EXPERIMENTS[@]}"
+mkdir -p results/pooled_backbone
+cp "${POOLED}_export/MODEL_CARD.md" "$POOLED/sources.json" "$POOLED/metrics.csv" "$POOLED/start.csv" results/pooled_backbone/
+for ds in "${DATASETS[@]}"; do
+  bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"
+done

@@ -5,14 +5,17 @@ and fine-tuning start from the same backbone; resumable and checked like the res
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 from conftest import TINY_CNN, TINY_VIT
 from test_experiment import tiny_split
 
 import cass.experiment.run as experiment
+from cass.cli.main import app
 from cass.config import ConfigError, DataConfig, FinetuneConfig, PretrainConfig, from_dict, load_yaml, save_yaml, to_dict
 from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, validate
 from cass.experiment.comparisons import stated_comparisons
@@ -59,6 +62,13 @@ def test_a_pool_init_is_planned_as_one_shared_run(tmp_path):
                       (STARTING_POINT, "pooled", "cass-vicreg", "scratch", "knn"),
                       ("supervised", "pooled", "supervised", "scratch", "full"),
                       ("supervised", "pooled", "cass-vicreg", "scratch", "full")]
+    # and against a stand-in for ImageNet weights, under which only the supervised baseline runs
+    standin = InitSpec("blood-supervised", cnn_weights="c.safetensors", vit_weights="v.safetensors",
+                       methods=["supervised"])
+    with_standin = dataclasses.replace(cfg, inits=[*cfg.inits, standin])
+    across = [(s.a, s.a_init, s.b, s.b_init, s.mode) for s in stated_comparisons(with_standin) if s.a_init]
+    assert across[4:] == [(STARTING_POINT, "pooled", STARTING_POINT, "blood-supervised", "knn"),
+                          ("supervised", "pooled", "supervised", "blood-supervised", "full")]
     # the pooled backbone used as it is: no per-dataset pretraining continued from it
     as_is = pooled_grid(tmp_path / "exp", pool, methods=["cass-vicreg", "supervised"], inits=[
         InitSpec("scratch"), InitSpec("pooled", pool=pool, pool_options=dict(POOL_OPTIONS), methods=["supervised"])])
@@ -137,6 +147,16 @@ def test_experiment_pretrains_its_pool_once_and_every_cell_of_the_init_starts_fr
               if r["comparison"] == "shared backbone" and r["metric"] == "macro_f1"}
     assert shared == {(STARTING_POINT, "pooled", STARTING_POINT, "scratch", "knn"),
                       ("supervised", "pooled", "supervised", "scratch", "full")}
+    # the pooled backbone's model card carries those comparisons (cass export --experiment)
+    exported = CliRunner().invoke(app, ["export", str(pool), "--out", str(tmp_path / "export"), "--experiment", str(out)])
+    assert exported.exit_code == 0, exported.output
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    downstream = card[card.index("## Downstream"):card.index("## Recipe")]
+    assert downstream.count(f"| `{out.name}` | CNN | 100% |") == 2
+    assert "| the `scratch` starting point |" in downstream and "| supervised from `scratch` |" in downstream
+    not_an_init = CliRunner().invoke(app, ["export", str(out / "pool" / "nowhere"), "--out", str(tmp_path / "e2"),
+                                           "--experiment", str(out)])
+    assert not_an_init.exit_code != 0 and "none of its inits is the run" in not_an_init.output
 
     calls["pretrain"], calls["finetune"] = [], []
     run_experiment(cfg)  # resumed: nothing is redone

@@ -184,11 +184,16 @@ def embed(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A cass pretrain run directory.")],
     out: Annotated[Path, Opt(help="Where the backbone files and MODEL_CARD.md go.")],
+    experiment: Annotated[list[Path] | None, Opt(
+        "--experiment", help="An experiment that used the run as an init (repeatable): its shared-backbone "
+        "comparisons go on the model card.")] = None,
 ) -> None:
     """Each network of a pretraining run as plain timm weights (safetensors) with a model card."""
+    from cass.reporting.downstream import downstream_section
     from cass.training.export import MODEL_CARD, export_run
 
-    for path in export_run(run_dir, out):
+    sections = [downstream_section(run_dir, experiment)] if experiment else []
+    for path in export_run(run_dir, out, sections):
         typer.echo(f"backbone: {path}")
     typer.echo(f"model card: {out / MODEL_CARD}")
 

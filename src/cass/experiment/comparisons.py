@@ -78,22 +78,22 @@ def stated_comparisons(cfg: ExperimentConfig) -> list[Stated]:
 
 
 def shared_backbone_comparisons(cfg: ExperimentConfig, modes: Sequence[str]) -> list[Stated]:
-    """An init that is a pretraining run's networks (a backbone pooled over several datasets), against the
-    grid's first init that is not (e.g. ``scratch``): its readout against that init's starting point (what the
-    shared backbone adds over random init) and against each method pretrained on this dataset alone; its
-    supervised fine-tuning against supervised fine-tuning from that init and against each pretrained method
-    fine-tuned. The question a user with one backbone for every task asks: is it worth it here?"""
-    base = next((init.name for init in cfg.inits if not init.pretrained), None)
-    if base is None:
-        return []
+    """An init that is a pretraining run's networks (a backbone pooled over several datasets), against every
+    init that is not (random init, a stand-in for ImageNet weights): its readout against that init's starting
+    point (what the shared backbone adds over random init, or over the stand-in) and against each method
+    pretrained on this dataset alone from it; its supervised fine-tuning against supervised fine-tuning from
+    that init and against each method pretrained from it and fine-tuned. The question a user with one backbone
+    for every task asks: is it worth it here?"""
     pretrained = [m for m in cfg.methods if is_self_supervised(m)]
     found = []
     for shared in (init.name for init in cfg.inits if init.pretrained):
-        for mode in modes:
-            own = STARTING_POINT if mode in cfg.readouts else SUPERVISED
-            if own == SUPERVISED and SUPERVISED not in cfg.methods:
-                continue
-            found += [Stated(AGAINST_INIT, own, b, mode, shared, base) for b in (own, *pretrained)]
+        for other in (init for init in cfg.inits if not init.pretrained):
+            for mode in modes:
+                own = STARTING_POINT if mode in cfg.readouts else SUPERVISED
+                if own == SUPERVISED and not (SUPERVISED in cfg.methods and other.runs(SUPERVISED)):
+                    continue
+                found += [Stated(AGAINST_INIT, own, b, mode, shared, other.name)
+                          for b in (own, *filter(other.runs, pretrained))]
     return found
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,11 @@ def backbone_file(role: str, timm_name: str) -> str:
     return f"{role}-{timm_name}.safetensors"
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> list[Path]:
+def export_run(run_dir: str | Path, out: str | Path, sections: Sequence[str] = ()) -> list[Path]:
     """Write each network of the pretraining run in ``run_dir`` as a backbone file in ``out``, and
     ``MODEL_CARD.md``; returns the backbone files. A run that has not finished is exported as it stands
-    (its last finished epoch), and the card says so."""
+    (its last finished epoch), and the card says so. ``sections``: more Markdown sections for the card (what
+    the backbone did downstream, written by the layers that know experiments), placed before its recipe."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / CONFIG).is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG} there (is it a cass pretrain run directory?)")
@@ -67,7 +69,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> list[Path]:
     epoch = trained.get("epoch", "")  # every network of a run is saved after the same epoch
     if epoch != str(cfg.epochs):
         log.warning("%s has finished %s of %d epochs; exporting it as it stands", run_dir, epoch or "?", cfg.epochs)
-    atomic_write_text(out / MODEL_CARD, model_card(run_dir, cfg, sources, written, epoch))
+    atomic_write_text(out / MODEL_CARD, model_card(run_dir, cfg, sources, written, epoch, sections))
     return [path for path, _, _ in written]
 
 
@@ -78,7 +80,7 @@ def _read_sources(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def model_card(run_dir: Path, cfg: PretrainConfig, sources: list[dict[str, Any]],
-               written: list[tuple[Path, Network, BackboneInfo]], epoch: str) -> str:
+               written: list[tuple[Path, Network, BackboneInfo]], epoch: str, sections: Sequence[str] = ()) -> str:
     """The Markdown model card of an export."""
     method = method_class(cfg.method)
     total = sum(source["pretraining_images"] for source in sources)
@@ -99,6 +101,7 @@ def model_card(run_dir: Path, cfg: PretrainConfig, sources: list[dict[str, Any]]
         _sources_section(sources, cfg.balance_sources),
         _checks_section(run_dir, [info.arch for _, _, info in written]),
         _loading_section(written),
+        *sections,
         "## Recipe\n\nThe run's whole configuration (`cass pretrain --config` on it reruns it):\n\n```yaml\n"
         + (run_dir / CONFIG).read_text().rstrip() + "\n```",
     ]
