@@ -307,6 +307,10 @@ def test_budget_curve_reads_each_kept_epoch_of_one_run_and_plans_no_fine_tuning(
     assert len(stated) == 1 and float(stated[0]["a_mean"]) == pytest.approx(np.mean(at_end))  # snapshots not in it
     md, _ = write_report(out)
     assert "## Pretraining budget" in md.read_text() and (out / "report" / "figures" / "budget_curve.png").is_file()
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| CASS | CNN | k-NN | 100% |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]  # method, network, readout, labels, 0/1/2 ep, step...
+    assert cells[4:7] == [f"{float(r['macro_f1']):.3f}" for r in curve]
+    assert cells[8] == {"above": "still rising", "unresolved": "flattened", "below": "falling"}[curve[2]["step_verdict"]]
 
 
 def test_readouts_first_then_fine_tuning_adds_cells_without_redoing_any(shared_data, tmp_path):

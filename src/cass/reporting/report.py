@@ -439,29 +439,40 @@ def _section_budget_curve(report: Report) -> str:
     plot_curves(panels, path, "pretraining epochs (0 = starting point)", "test macro-F1")
     times = {(r["method"], r["arch"], r["init"], r["pretrain_at_epoch"] or r["pretrain_epochs"]): r["pretrain_time_s"]
              for r in report.rows if r.get("pretrain_time_s") is not None and r["mode"] in report.cfg.readouts}
-    lines = []
+    budgets = [0, *sorted(report.cfg.readout_epochs), report.cfg.pretrain.epochs]
+    several_inits = len(report.cfg.inits) > 1
+    header = (["method", "network", *(["init"] if several_inits else []), "readout", "labels"]
+              + [f"{e} ep" for e in budgets] + ["last step [95 % interval]", "curve", "pretraining s"])
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (method, arch, init, fraction, mode), line in _groups(rows, "method", "arch", "init", "label_fraction",
                                                               "mode").items():
+        at = {r["epochs"]: r["macro_f1"] for r in line}
         last = line[-1]
-        if last["step_verdict"] is None:
-            continue
-        state = ("still rising: the last step is above its interval" if last["step_verdict"] == ABOVE else
-                 "flattened: the last step is within its interval" if last["step_verdict"] == UNRESOLVED else
-                 "falling: the last step is below its interval")
-        previous = line[-2]["epochs"]
+        step = ("" if last["step_verdict"] is None else
+                f"{line[-2]['epochs']} → {last['epochs']}: {last['step_diff']:+.3f} "
+                f"[{last['step_low']:+.3f}, {last['step_high']:+.3f}]")
         spent = times.get((method, arch, init, last["epochs"]))
-        lines.append(f"- {method_name(method)} {ARCH_NAMES[arch]} from {init}, {readout_name(mode, report.cfg.finetune)}, "
-                     f"{_fraction(fraction)} labels: {previous} → {last['epochs']} epochs "
-                     f"{last['step_diff']:+.3f} [{last['step_low']:+.3f}, {last['step_high']:+.3f}], {state}"
-                     + (f" ({spent:.0f} s of pretraining to epoch {last['epochs']})" if spent else ""))
+        table.append("| " + " | ".join([
+            method_name(method), ARCH_NAMES[arch], *([init] if several_inits else []), MODE_LABELS.get(mode, mode),
+            _fraction(fraction), *(f"{at[e]:.3f}" if e in at else "–" for e in budgets), step,
+            BUDGET_STATES.get(last["step_verdict"], ""), f"{spent:.0f}" if spent else ""]) + " |")
+    readouts = "; ".join(f"{MODE_LABELS.get(m, m)}: {readout_name(m, report.cfg.finetune)}" for m in report.cfg.readouts)
     return "\n\n".join([
         "## Pretraining budget",
         f"Each pretrained network read out after {', '.join(map(str, report.cfg.readout_epochs))} and "
         f"{report.cfg.pretrain.epochs} epochs of the same run (a snapshot is taken before the learning rate has "
         "decayed: a lower bound on a run of that length), and at its starting point (0). Test macro-F1, mean over "
         f"seeds, bars: {report.interval_caption()}. Each step is a paired difference from the budget before it; "
-        f"`{BUDGET_CURVE_CSV}` holds every point and step.",
-        image, "\n".join(lines)])
+        f"`{BUDGET_CURVE_CSV}` holds every point and step with its interval.",
+        image,
+        "The last step of each line: *still rising* when its paired interval is above 0 (a longer run may pay), "
+        "*flattened* when it contains 0, *falling* when below; pretraining seconds to the last budget. "
+        f"Readouts: {readouts}.",
+        "\n".join(table)])
+
+
+BUDGET_STATES = {ABOVE: "still rising", UNRESOLVED: "flattened", BELOW: "falling"}
+"""How the report names the last step of a budget curve, by its verdict."""
 
 
 def _best_cells(report: Report) -> dict[tuple[str, str], Row]:
