@@ -23,6 +23,7 @@ if [ ! -f "${POOLED}_export/MODEL_CARD.md" ]; then  # exported once the pretrain
     $CASS pretrain --config configs/pretrain/pooled_cpu.yaml
   fi
   $CASS export "$POOLED" --out "${POOLED}_export"
+  rm -f "$POOLED/checkpoint.safetensors"  # finished: its networks, config and records stay, the resume state goes
 fi
 bash benchmarks/standin.sh blood 64
 bash benchmarks/standin.sh brain 64
