@@ -39,7 +39,11 @@ done
 EXPERIMENTS=(); for ds in "${DATASETS[@]}"; do EXPERIMENTS+=(--experiment "runs/pooled_${ds}_cpu"); done
 $CASS export "$POOLED" --out "${POOLED}_export" "${EXPERIMENTS[@]}"
 mkdir -p results/pooled_backbone
-cp "${POOLED}_export/MODEL_CARD.md" "$POOLED/sources.json" "$POOLED/metrics.csv" "$POOLED/start.csv" results/pooled_backbone/
+cp "${POOLED}_export/MODEL_CARD.md" "$POOLED"/{sources.json,metrics.csv,start.csv,config.yaml} results/pooled_backbone/
+for standin in runs/standin/*_64; do  # what each stand-in scored on its own data, and how it was trained
+  mkdir -p "results/pooled_backbone/standin/$(basename "$standin")"
+  cp "$standin"/{metrics.json,config.yaml} "results/pooled_backbone/standin/$(basename "$standin")/"
+done
 for ds in "${DATASETS[@]}"; do
   bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"
 done
