@@ -98,11 +98,13 @@ def shared_backbone_comparisons(cfg: ExperimentConfig, modes: Sequence[str]) -> 
 
 
 def covers(cfg: ExperimentConfig, n_seeds: int) -> str:
-    """What an interval is a bootstrap over: pretraining seeds only when each seed had its own pretraining."""
+    """What an interval is a bootstrap over: a seed draws the labelled subset (and a fine-tuned cell's head and
+    augmentations); pretraining seeds only when each seed had its own pretraining."""
     if n_seeds < 2:
         return "test images only (one seed)"
-    return ("test images, fine-tuning and pretraining seeds" if cfg.pretrain_per_seed
-            else "test images and fine-tuning seeds")
+    return ("test images and seeds (each its own labelled subset, fine-tuning and pretraining run)"
+            if cfg.pretrain_per_seed else
+            "test images and seeds (each its own labelled subset and fine-tuning; one pretraining run for all)")
 
 
 class KeptPredictions:
