@@ -12,8 +12,8 @@
 # what is finished. A report is written after each experiment step (part-done reports say how many cells).
 set -euo pipefail
 CASS=.venv/bin/cass
-DATASETS=("${@:-brain blood pneumonia breast}")
-read -r -a DATASETS <<< "${DATASETS[*]}"
+DATASETS=(brain blood pneumonia breast)
+[ $# -gt 0 ] && DATASETS=("$@")
 POOLED=runs/pooled_cpu
 
 if [ ! -f "${POOLED}_export/MODEL_CARD.md" ]; then  # exported once the pretraining has finished

@@ -33,7 +33,6 @@ from cass.reporting.report import readout_name
 from cass.utils.checkpoint import read_info
 
 
-
 def ft_cfg(data: Path, out: Path, **kw: Any) -> FinetuneConfig:
     values = dict(data=DataConfig(data=str(data), num_workers=0), cnn=TINY_CNN, img_size=32, batch_size=16,
                   out=str(out), accelerator="cpu")

@@ -19,6 +19,7 @@ from cass.experiment.config import STARTING_POINT, SUPERVISED, ExperimentConfig
 from cass.experiment.plan import pool_dir
 from cass.experiment.run import EXPERIMENT_YAML
 from cass.reporting.report import ARCH_NAMES, MODE_LABELS, method_name
+from cass.utils.markdown import markdown_table
 
 METRIC = "macro_f1"
 
@@ -32,8 +33,8 @@ def backbone_inits(cfg: ExperimentConfig, run_dir: Path) -> list[str]:
 
 
 def _against(row: dict[str, str]) -> str:
-    """What the backbone is compared with, in words: ``random init (scratch)``, ``CASS-VICReg on this data
-    (scratch)``, ``supervised from blood-supervised``."""
+    """What the backbone is compared with, in words: ``the `scratch` starting point``, ``supervised from
+    `blood-supervised```, ``CASS-VICReg pretrained on this data from `scratch```."""
     if row["b"] == STARTING_POINT:
         return f"the `{row['b_init']}` starting point"
     if row["b"] == SUPERVISED:
@@ -64,18 +65,17 @@ def downstream_section(run_dir: str | Path, experiments: Sequence[str | Path]) -
                     if r["comparison"] == AGAINST_INIT and r["init"] in inits and r["metric"] == METRIC]
         for r in rows:
             how = MODE_LABELS.get(r["mode"], r["mode"]) + ("" if r["a"] == STARTING_POINT else " (supervised)")
-            lines.append(
-                f"| `{experiment.name}` | {ARCH_NAMES.get(r['arch'], r['arch'])} | {float(r['label_fraction']):.0%} "
-                f"| {how} | {float(r['a_mean']):.3f} | {_against(r)} | {float(r['b_mean']):.3f} | "
-                f"{float(r['diff']):+.3f} [{float(r['low']):+.3f}, {float(r['high']):+.3f}] | {r['verdict']} "
-                f"| {r['n_seeds']} |")
+            lines.append([
+                f"`{experiment.name}`", ARCH_NAMES.get(r["arch"], r["arch"]), f"{float(r['label_fraction']):.0%}", how,
+                f"{float(r['a_mean']):.3f}", _against(r), f"{float(r['b_mean']):.3f}",
+                f"{float(r['diff']):+.3f} [{float(r['low']):+.3f}, {float(r['high']):+.3f}]", r["verdict"], r["n_seeds"]])
     if not lines:
         return ("## Downstream\n\nThe experiments given have no finished shared-backbone comparison yet "
                 "(their cells are still running).")
-    header = ("| experiment | network | labels | used as | this backbone | against | other | difference [95 % interval] "
-              "| verdict | seeds |\n|---|---|---|---|---|---|---|---|---|---|")
+    header = ["experiment", "network", "labels", "used as", "this backbone", "against", "other",
+              "difference [95 % interval]", "verdict", "seeds"]
     return ("## Downstream\n\nFrom the experiments that used this run as an init: test macro-F1 (mean over seeds) of "
             "the backbone frozen (k-NN, logistic probe) or fine-tuned with labels, against other starting points "
             "on the same data, labelled subsets and test images: the paired difference with its 95 % interval "
             "(bootstrap over test images and seeds) and its verdict (`above`/`below` only when the interval "
-            "excludes 0). Each experiment's `report/report.md` has the rest.\n\n" + header + "\n" + "\n".join(lines))
+            "excludes 0). Each experiment's `report/report.md` has the rest.\n\n" + markdown_table(header, lines))

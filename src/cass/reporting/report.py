@@ -53,6 +53,7 @@ from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.methods.registry import method_class
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
 from cass.utils.atomic import atomic_write_text
+from cass.utils.markdown import markdown_table
 from cass.utils.plots import (
     Curve,
     ForestRow,
@@ -443,7 +444,7 @@ def _section_budget_curve(report: Report) -> str:
     several_inits = len(report.cfg.inits) > 1
     header = (["method", "network", *(["init"] if several_inits else []), "readout", "labels"]
               + [f"{e} ep" for e in budgets] + ["last step [95 % interval]", "curve", "pretraining s"])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for (method, arch, init, fraction, mode), line in _groups(rows, "method", "arch", "init", "label_fraction",
                                                               "mode").items():
         at = {r["epochs"]: r["macro_f1"] for r in line}
@@ -452,10 +453,10 @@ def _section_budget_curve(report: Report) -> str:
                 f"{line[-2]['epochs']} → {last['epochs']}: {last['step_diff']:+.3f} "
                 f"[{last['step_low']:+.3f}, {last['step_high']:+.3f}]")
         spent = times.get((method, arch, init, last["epochs"]))
-        table.append("| " + " | ".join([
+        table.append([
             method_name(method), ARCH_NAMES[arch], *([init] if several_inits else []), MODE_LABELS.get(mode, mode),
             _fraction(fraction), *(f"{at[e]:.3f}" if e in at else "–" for e in budgets), step,
-            BUDGET_STATES.get(last["step_verdict"], ""), f"{spent:.0f}" if spent else ""]) + " |")
+            BUDGET_STATES.get(last["step_verdict"], ""), f"{spent:.0f}" if spent else ""])
     readouts = "; ".join(f"{MODE_LABELS.get(m, m)}: {readout_name(m, report.cfg.finetune)}" for m in report.cfg.readouts)
     return "\n\n".join([
         "## Pretraining budget",
@@ -468,7 +469,7 @@ def _section_budget_curve(report: Report) -> str:
         "The last step of each line: *still rising* when its paired interval is above 0 (a longer run may pay), "
         "*flattened* when it contains 0, *falling* when below; pretraining seconds to the last budget. "
         f"Readouts: {readouts}.",
-        "\n".join(table)])
+        markdown_table(header, table)])
 
 
 BUDGET_STATES = {ABOVE: "still rising", UNRESOLVED: "flattened", BELOW: "falling"}

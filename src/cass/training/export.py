@@ -21,6 +21,7 @@ from cass.models.backbone import BackboneInfo, save_backbone
 from cass.models.factory import Network, create_network, shape_options
 from cass.utils.atomic import atomic_write_text
 from cass.utils.checkpoint import read_info
+from cass.utils.markdown import markdown_table
 from cass.utils.rundir import CONFIG, SOURCES, read_history
 from cass.utils.version import VERSION
 
@@ -94,7 +95,7 @@ def model_card(run_dir: Path, cfg: PretrainConfig, sources: list[dict[str, Any]]
         f"`{cfg.init}` initialisation, "
         f"on {total or 'an unrecorded number of'} images from {len(sources) or 'unrecorded'} source(s).{finished} "
         f"Run directory: `{run_dir}`.",
-        "## Files\n\n" + _table(["file", "network", "input", "features", "timm.create_model arguments"], [
+        "## Files\n\n" + markdown_table(["file", "network", "input", "features", "timm.create_model arguments"], [
             [f"`{path.name}`", f"{info.timm_name} ({info.arch}{', small stem' if info.cnn_stem == 'small' else ''})",
              f"{info.img_size} px RGB", str(net.num_features), _kwargs_text(info)]
             for path, net, info in written]),
@@ -106,11 +107,6 @@ def model_card(run_dir: Path, cfg: PretrainConfig, sources: list[dict[str, Any]]
         + (run_dir / CONFIG).read_text().rstrip() + "\n```",
     ]
     return "\n\n".join(parts) + "\n"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _kwargs_text(info: BackboneInfo) -> str:
@@ -128,7 +124,7 @@ def _sources_section(sources: list[dict[str, Any]], balanced: bool) -> str:
     return ("## Sources\n\nOnly each source's train images were read (" + how + "); its selection and test "
             "images, whole groups when the source has groups, were kept out, so the backbone can be evaluated on "
             "them honestly. The fingerprint digests every file's name, size and date (`sources.json` of the run).\n\n"
-            + _table(["#", "data", "pretraining images", "selection images kept out", "test images kept out",
+            + markdown_table(["#", "data", "pretraining images", "selection images kept out", "test images kept out",
                       "fingerprint"], rows))
 
 
@@ -145,7 +141,7 @@ def _checks_section(run_dir: Path, roles: list[str]) -> str:
     return ("## Learning checks\n\nMeasured by the run on its backbones' pooled features, on fixed train images of "
             "the first source: std over images (1 healthy, 0 collapsed), effective rank, and a k-NN's macro-F1 "
             "on that source's selection split (labelled sources only). Epoch 0 is the starting point.\n\n"
-            + _table(["epoch"] + [heading for _, heading in columns], rows))
+            + markdown_table(["epoch"] + [heading for _, heading in columns], rows))
 
 
 def _loading_section(written: list[tuple[Path, Network, BackboneInfo]]) -> str:
