@@ -33,7 +33,7 @@ from cass.config import merge
 from cass.evaluation.intervals import interval, paired_difference, replicate
 from cass.evaluation.predictions import load_predictions
 from cass.training.finetune import finished
-from cass.utils.rundir import METRICS, PREDICTIONS
+from cass.utils.rundir import METRICS, predictions_file
 
 REPO = Path(__file__).resolve().parents[1]
 BRAIN = REPO.parent / "shared" / "data" / "brain-tumor-mri-224"
@@ -76,7 +76,7 @@ def readout(source: str, arch: str, mode: str, seed: int, out: Path) -> Path:
 
 
 def replicated(cell: Path):
-    _, predictions = load_predictions(cell / PREDICTIONS)
+    _, predictions = load_predictions(predictions_file(cell))
     return replicate("macro_f1", predictions.targets, predictions.predicted, predictions.probabilities)
 
 

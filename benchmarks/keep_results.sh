@@ -4,7 +4,7 @@
 # results.csv/json (every cell), comparisons.csv/json (the stated paired differences), pretraining.csv,
 # environment.json, experiment.yaml, held_out.csv (the test and selection images carved from train, with their
 # groups), each pretraining run's per-epoch metrics.csv and start.csv (epoch 0), each cell's per-image test
-# predictions (finetune/<cell>/test_predictions.csv: what the intervals are computed from), the budget curve
+# predictions (finetune/<cell>/test_predictions.csv.gz: what the intervals are computed from), the budget curve
 # (budget_curve.csv) when the experiment reads snapshots out, and the report.
 set -euo pipefail
 RUN=${1:?experiment directory}
@@ -15,10 +15,12 @@ for f in results.csv results.json comparisons.csv comparisons.json pretraining.c
   cp "$RUN/$f" "$OUT/"
 done
 [ -f "$RUN/budget_curve.csv" ] && cp "$RUN/budget_curve.csv" "$OUT/"
-for cell in "$RUN"/finetune/*/; do
-  if [ -f "$cell/test_predictions.csv" ]; then
-    mkdir -p "$OUT/finetune/$(basename "$cell")"
-    cp "$cell/test_predictions.csv" "$OUT/finetune/$(basename "$cell")/"
+for cell in "$RUN"/finetune/*/; do  # kept compressed; a cell from before cass compressed them is compressed here
+  kept="$OUT/finetune/$(basename "$cell")/test_predictions.csv.gz"
+  if [ -f "$cell/test_predictions.csv.gz" ]; then
+    mkdir -p "$(dirname "$kept")" && cp "$cell/test_predictions.csv.gz" "$kept"
+  elif [ -f "$cell/test_predictions.csv" ]; then
+    mkdir -p "$(dirname "$kept")" && gzip -nc "$cell/test_predictions.csv" > "$kept"
   fi
 done
 for dir in "$RUN"/pretrain/*/; do

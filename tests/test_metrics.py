@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from sklearn import metrics as skm
 
 from cass.evaluation.metrics import ClassificationMetrics, compute_metrics, recording_predictions
 from cass.evaluation.predictions import load_predictions, save_predictions
+from cass.utils.rundir import PLAIN_PREDICTIONS, PREDICTIONS, predictions_file
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
@@ -174,12 +176,14 @@ def test_recorded_predictions_are_what_the_metrics_scored_and_survive_their_file
     assert skm.f1_score(targets.numpy(), kept.predicted, average="macro") == approx(scores["macro_f1"])
 
     keys = [f"img{i}.png" for i in range(50)]
-    save_predictions(tmp_path / "test_predictions.csv", keys, kept)
-    read_keys, read = load_predictions(tmp_path / "test_predictions.csv")
-    assert read_keys == keys and read.classes == CLASSES and read.multilabel == multilabel
-    np.testing.assert_array_equal(read.targets, kept.targets)
-    np.testing.assert_array_equal(read.predicted, kept.predicted)
-    np.testing.assert_allclose(read.probabilities, kept.probabilities, rtol=1e-7)
+    for name in (PREDICTIONS, PLAIN_PREDICTIONS):  # what cass writes, and what runs before compression wrote
+        save_predictions(tmp_path / name, keys, kept)
+        read_keys, read = load_predictions(tmp_path / name)
+        assert read_keys == keys and read.classes == CLASSES and read.multilabel == multilabel
+        np.testing.assert_array_equal(read.targets, kept.targets)
+        np.testing.assert_array_equal(read.predicted, kept.predicted)
+        np.testing.assert_allclose(read.probabilities, kept.probabilities, rtol=1e-7)
+    assert gzip.decompress((tmp_path / PREDICTIONS).read_bytes()) == (tmp_path / PLAIN_PREDICTIONS).read_bytes()
     with pytest.raises(ValueError, match="49 image keys for 50"):
         save_predictions(tmp_path / "short.csv", keys[1:], kept)
 
@@ -193,3 +197,11 @@ def test_a_recording_holds_one_scoring_or_says_so():
     assert len(recorder.seen) == 2 and [len(p) for p in recorder.seen] == [8, 8]
     with pytest.raises(RuntimeError, match="one scoring, got 2"):
         recorder.only()
+
+
+def test_a_cells_predictions_file_is_the_compressed_one_unless_an_older_run_left_only_a_plain_csv(tmp_path):
+    assert predictions_file(tmp_path) == tmp_path / PREDICTIONS  # nothing yet: where a new cell writes
+    (tmp_path / PLAIN_PREDICTIONS).write_text("file,target,pred\n")
+    assert predictions_file(tmp_path) == tmp_path / PLAIN_PREDICTIONS
+    (tmp_path / PREDICTIONS).write_bytes(gzip.compress(b"file,target,pred\n"))
+    assert predictions_file(tmp_path) == tmp_path / PREDICTIONS

@@ -1,10 +1,10 @@
-"""Per-image outputs of a scored image set, and their file ``test_predictions.csv``.
+"""Per-image outputs of a scored image set, and their file ``test_predictions.csv.gz``.
 
 Every fine-tuning or readout cell keeps what it predicted on each test image so that a comparison of two
 cells can be bootstrapped over the test images they share (SPEC §2 "Uncertainty"); the mean over seeds
 alone cannot tell a difference from the luck of one test split.
 
-The file has one row per image: ``file`` (the image key), ``target`` and ``pred`` (class names; for
+The file (a gzip-compressed CSV; a plain one when its name ends in ``.csv``) has one row per image: ``file`` (the image key), ``target`` and ``pred`` (class names; for
 multi-label data the positive labels joined by ``;``, empty for none) and one probability column per
 class, ``softmax_<class>``, or per label, ``sigmoid_<label>`` (the prefix says which task the file is).
 ``pred`` is written from the full-precision probabilities exactly
@@ -14,13 +14,14 @@ gives the reported confusion matrix even where rounding the probabilities would 
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cass.utils.atomic import atomic_write_text
+from cass.utils.atomic import atomic_write_bytes
 from cass.utils.rundir import csv_text, read_csv
 
 LABEL_SEPARATOR = ";"
@@ -68,7 +69,8 @@ def _indices(classes: Sequence[str], text: str, multilabel: bool) -> int | list[
 
 
 def save_predictions(path: Path, keys: Sequence[str], predictions: Predictions) -> None:
-    """Write ``test_predictions.csv`` (atomically): one row per image, ``keys`` in the same order."""
+    """Write the predictions file (atomically): one row per image, ``keys`` in the same order; compressed
+    when ``path`` ends in ``.gz`` (with no timestamp, so the same predictions give the same bytes)."""
     if len(keys) != len(predictions):
         raise ValueError(f"{len(keys)} image keys for {len(predictions)} predictions")
     classes, multilabel = predictions.classes, predictions.multilabel
@@ -77,11 +79,12 @@ def save_predictions(path: Path, keys: Sequence[str], predictions: Predictions) 
              **{f"{prefix}{name}": f"{p:.9g}" for name, p in zip(classes, probs, strict=True)}}
             for key, target, pred, probs in zip(keys, predictions.targets, predictions.predicted,
                                                 predictions.probabilities, strict=True)]
-    atomic_write_text(path, csv_text(rows))
+    data = csv_text(rows).encode()
+    atomic_write_bytes(path, gzip.compress(data, mtime=0) if Path(path).suffix == ".gz" else data)
 
 
 def load_predictions(path: Path) -> tuple[list[str], Predictions]:
-    """The image keys and predictions of a ``test_predictions.csv``."""
+    """The image keys and predictions of a predictions file (compressed or plain)."""
     rows = read_csv(path)
     if not rows:
         raise ValueError(f"{path}: no predictions")

@@ -1,6 +1,6 @@
 """The stated comparisons of an experiment: each a paired difference of a test metric with its 95 % interval
 over test images and seeds and a verdict (SPEC §2 "Uncertainty"), from the per-image test predictions
-every cell keeps (``test_predictions.csv``).
+every cell keeps (``test_predictions.csv.gz``).
 
 What is compared, per network, initialisation, label fraction and mode (each readout, and the fine-tuning
 mode), on the base pretraining schedule (the sweeps are plotted, not stated): every pretrained method
@@ -33,7 +33,7 @@ from cass.experiment.plan import Cell, plan
 from cass.experiment.results import CELL
 from cass.methods.registry import method_class
 from cass.utils.atomic import atomic_write_text
-from cass.utils.rundir import PREDICTIONS, csv_text
+from cass.utils.rundir import csv_text, predictions_file
 
 COMPARISONS_CSV = "comparisons.csv"
 COMPARISONS_JSON = "comparisons.json"
@@ -123,7 +123,7 @@ class KeptPredictions:
     def predictions(self, cell: str) -> Predictions | None:
         """A cell's predictions (None when it kept none: a cell finished before cass kept them)."""
         if cell not in self._read:
-            path = self.finetune / cell / PREDICTIONS
+            path = predictions_file(self.finetune / cell)
             self._read[cell] = self._check_keys(cell, *load_predictions(path)) if path.is_file() else None
         return self._read[cell]
 
@@ -132,7 +132,8 @@ class KeptPredictions:
         if self._keys is None:
             self._keys = (cell, keys)
         elif keys != self._keys[1]:
-            raise ValueError(f"{self.finetune / cell / PREDICTIONS} and {self.finetune / self._keys[0] / PREDICTIONS} "
+            first = predictions_file(self.finetune / self._keys[0])
+            raise ValueError(f"{predictions_file(self.finetune / cell)} and {first} "
                              "list different test images: the cells come from different data or splits")
         return predictions
 

@@ -63,7 +63,7 @@ from cass.utils.plots import (
     plot_forest,
     plot_heatmaps,
 )
-from cass.utils.rundir import PREDICTIONS, read_history
+from cass.utils.rundir import predictions_file, read_history
 
 ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}
 METRIC_NAMES = {
@@ -111,7 +111,7 @@ class Report:
         """What a table's ``[low, high]`` is, and what a ``±`` means where it appears instead."""
         text = (f"in brackets its 95 % interval: a bootstrap over {covers(self.cfg, len(self.cfg.seeds))}, "
                 f"{REPLICATES} replicates, each drawing test images and seeds with replacement")
-        if not all((self.cell_dir(row) / PREDICTIONS).is_file() for row in self.rows):
+        if not all(predictions_file(self.cell_dir(row)).is_file() for row in self.rows):
             text += ("; `mean ± std` instead marks cells finished before cass kept per-image predictions (std over "
                      "seeds)")
         return text

@@ -8,7 +8,7 @@ selection split: ``knn`` (cosine k-NN, k) and ``logistic`` (L2 logistic regressi
 ``source=scratch`` is the supervised baseline.
 
 A finished run directory is a *model directory*: ``model.safetensors`` (timm weights whose metadata
-name the network, classes and input size), ``metrics.json``, ``test_predictions.csv`` (per test image:
+name the network, classes and input size), ``metrics.json``, ``test_predictions.csv.gz`` (per test image:
 target, prediction, probabilities; kept in every mode), ``history.csv``, ``subset.csv`` (the labelled
 files used) and ``config.yaml``; its resume state is deleted once it finishes.
 """

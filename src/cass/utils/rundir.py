@@ -7,6 +7,7 @@ names, so they live here, below every layer that uses them.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,12 @@ LOGISTIC_PROBE = "logistic_probe.safetensors"
 """The standardisation (mean, scale), weights, bias (and ``C``) of a logistic-regression readout."""
 SCORES = "metrics.json"
 """The scores of a fine-tuned model directory (or of ``cass evaluate``)."""
-PREDICTIONS = "test_predictions.csv"
+PREDICTIONS = "test_predictions.csv.gz"
 """Per test image of a fine-tuned model directory: target, prediction and class probabilities, kept so that
-every comparison can be bootstrapped over test images (``cass.evaluation.predictions``)."""
+every comparison can be bootstrapped over test images (``cass.evaluation.predictions``). Compressed: an
+experiment keeps one per cell, and gzip makes them six times smaller."""
+PLAIN_PREDICTIONS = "test_predictions.csv"
+"""The uncompressed name runs made before the predictions were compressed; still read."""
 
 SNAPSHOTS = "snapshots"
 """Folder of a pretraining run's kept epochs (``keep_epochs``): ``snapshots/epoch_NNN/``, each read like a run."""
@@ -46,6 +50,14 @@ SNAPSHOTS = "snapshots"
 def snapshot_dir(run_dir: Path, epoch: int) -> Path:
     """Where a pretraining run keeps its weights after ``epoch`` (``keep_epochs``)."""
     return Path(run_dir) / SNAPSHOTS / f"epoch_{epoch:03d}"
+
+
+def predictions_file(cell_dir: Path) -> Path:
+    """The predictions file of a fine-tuned model directory: the plain CSV where an older run wrote one
+    (and no compressed file), otherwise the compressed name, which need not exist yet."""
+    plain = Path(cell_dir) / PLAIN_PREDICTIONS
+    compressed = Path(cell_dir) / PREDICTIONS
+    return plain if plain.is_file() and not compressed.is_file() else compressed
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -59,8 +71,10 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV file (written by :func:`csv_text` or :class:`MetricsFile`)."""
-    with open(path, newline="") as fh:
+    """The rows of a CSV file (written by :func:`csv_text` or :class:`MetricsFile`), gzip-compressed when its
+    name ends in ``.gz``."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
