@@ -24,7 +24,14 @@ from cass.config import (
     save_yaml,
     to_dict,
 )
-from cass.experiment.config import STARTING_POINT, ExperimentConfig, InitSpec, run_labels, validate
+from cass.experiment.config import (
+    STARTING_POINT,
+    ExperimentConfig,
+    InitSpec,
+    PublishedResult,
+    run_labels,
+    validate,
+)
 from cass.experiment.demo import demo_config
 from cass.experiment.plan import (
     Cell,
@@ -343,6 +350,19 @@ def test_budget_options_that_cannot_work_are_refused(change, message):
     cfg = merge(load_yaml(ExperimentConfig, SMOKE), {"pretrain.epochs": 2, **change})
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+@pytest.mark.parametrize("published, message", [
+    (PublishedResult(name="paper", scores={"auroc": 0.9}, label_fraction=0.5), "label_fraction 0.5 is not one"),
+    (PublishedResult(name="paper", scores={"auc": 0.9}), r"scores \['auc'\] are not metrics"),
+    (PublishedResult(name="paper", scores={"accuracy": 86.3}), r"between 0 and 1 \(0.901, not 90.1\)"),
+    (PublishedResult(scores={"accuracy": 0.863}), "needs a name and scores"),
+])
+def test_published_results_that_no_cell_could_be_held_against_are_refused(published, message):
+    cfg = dataclasses.replace(load_yaml(ExperimentConfig, SMOKE), label_fractions=[1.0], published=[published])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+    validate(dataclasses.replace(cfg, published=[PublishedResult(name="paper", scores={"auroc": 0.9})]))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)

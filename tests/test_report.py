@@ -4,6 +4,7 @@ formulas, and an HTML page that headless Chromium loads with every figure decode
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -33,17 +34,20 @@ from cass.experiment.comparisons import (
     PRETRAINING_ADDED,
     KeptPredictions,
 )
-from cass.experiment.config import STARTING_POINT, ExperimentConfig
+from cass.experiment.config import STARTING_POINT, ExperimentConfig, PublishedResult
 from cass.experiment.run import run_experiment
 from cass.models.factory import create_network
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
 from cass.reporting.report import (
     Report,
+    _cell_interval,
     _groups,
+    _section_published,
     _section_robustness,
     convergence_caption,
     method_name,
     pretraining_added_verdict,
+    published_table,
     readout_table,
     resolved_findings,
     results_table,
@@ -162,6 +166,30 @@ def test_results_table_is_the_mean_over_seeds_with_its_interval(experiment_dir):
         estimate, low, high = map(float, re.search(r"\| (\S+) \[(\S+), (\S+)\] \(n=1\)( †)? \|$", line).groups()[:3])
         assert estimate == pytest.approx(statistics.mean(r["test_macro_f1"] for r in rows), abs=6e-4)  # torchmetrics
         assert 0 <= low < high <= 1, line
+
+
+@pytest.mark.slow
+def test_published_scores_are_set_beside_every_cell_at_their_fraction_with_where_its_interval_lies(experiment_dir):
+    report = Report(experiment_dir)
+    cells = _groups(report.main, "method", "arch", "init")
+    (method, arch, init), first = next(iter(cells.items()))
+    auroc, accuracy = (_cell_interval(report, first, metric) for metric in ("auroc", "accuracy"))
+    scores = {"auroc": auroc.low - 0.001, "accuracy": accuracy.estimate}  # the first cell: above it, then level
+    published = PublishedResult(name="MedMNIST v2, ResNet-18 (28)", scores=scores)
+    lines = published_table(report, published).splitlines()
+    assert lines[0] == "| method | network | init | AUROC (macro, one-vs-rest) | accuracy |"
+    assert lines[2] == (f"| **MedMNIST v2, ResNet-18 (28)** (published) |  |  | {scores['auroc']:.3f} | "
+                        f"{accuracy.estimate:.3f} |")
+    assert len(lines) == 3 + len(cells)
+    verdict = r"\S+ \[\S+, \S+\]: (above it|level|below it)"
+    assert all(re.search(rf"\| {verdict} \| {verdict} \|$", line) for line in lines[3:]), lines
+    name = f"| {method_name(method)} | {report.network(arch)} | {init} |"
+    mine = next(line for line in lines if line.startswith(name))
+    assert mine.endswith(f"[{auroc.low:.3f}, {auroc.high:.3f}]: above it | "
+                         f"{accuracy.estimate:.3f} [{accuracy.low:.3f}, {accuracy.high:.3f}]: level |")
+    report.cfg.published = [dataclasses.replace(published, recipe="28 px, 100 epochs.", source="Yang et al. 2023")]
+    section = _section_published(report)
+    assert "Trained: 28 px, 100 epochs. Source: Yang et al. 2023." in section and lines[2] in section
 
 
 @pytest.mark.slow

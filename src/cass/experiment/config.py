@@ -18,6 +18,7 @@ from cass.config import (
     merge,
 )
 from cass.data.subsets import check_fraction
+from cass.evaluation.intervals import MULTICLASS_METRICS
 from cass.methods.registry import method_class, method_names
 from cass.utils.rundir import CONFIG
 
@@ -90,6 +91,26 @@ class InitSpec:
 
 
 @dataclass
+class PublishedResult:
+    """A published test score to hold the experiment's fine-tuned cells against, e.g. MedMNIST v2's supervised
+    ResNet-18 (28) on the same official test split: the report sets every cell at ``label_fraction`` beside it,
+    with its interval, and says whether the interval lies below, around or above it."""
+
+    name: str = ""
+    """How the tables name it, e.g. ``MedMNIST v2, ResNet-18 (28)``."""
+    source: str = ""
+    """Where it was published (a citation), printed under its table."""
+    recipe: str = ""
+    """How it was trained where that differs from the experiment's cells (input size, schedule...), printed
+    under its table: a published number from another recipe is a landmark, not a paired comparison."""
+    label_fraction: float = 1.0
+    """The fraction of the train labels it was trained with; the experiment's cells at this fraction are set
+    beside it."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Its test scores by metric name as the tables name them (``auroc``, ``accuracy``, ``macro_f1``...)."""
+
+
+@dataclass
 class ExperimentConfig:
     """A grid of methods x architectures x initialisations x label fractions x seeds (SPEC §2).
 
@@ -131,6 +152,9 @@ class ExperimentConfig:
     ``dino-vit``) as dotted keys, e.g. ``{dino-cnn: {dino.base_lr: 0.24}}``: DINO's CNN student trains with
     SGD and its ViT student with AdamW, whose learning rates differ by two orders of magnitude."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    published: list[PublishedResult] = field(default_factory=list)
+    """Published test scores on the same test split, set beside the fine-tuned cells in the report (its
+    "Against published results" section); they change no cell, only what the report compares."""
     out: str = "runs/experiment"
 
 
@@ -168,6 +192,24 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_init(init, cfg)
     _refuse_per_cell_fields(cfg)
     _check_pretrain_overrides(cfg)
+    for published in cfg.published:
+        _check_published(published, cfg)
+
+
+def _check_published(published: PublishedResult, cfg: ExperimentConfig) -> None:
+    where = f"experiment: published {published.name!r}"
+    if not published.name or not published.scores:
+        raise ConfigError("experiment: published: every entry needs a name and scores (e.g. {auroc: 0.901})")
+    if not cfg.fine_tune or published.label_fraction not in cfg.label_fractions:
+        raise ConfigError(f"{where}: label_fraction {published.label_fraction} is not one of the fine-tuned "
+                          f"label_fractions {cfg.label_fractions}, so no cell could be set beside it")
+    unknown = sorted(set(published.scores) - set(MULTICLASS_METRICS))
+    if unknown:
+        raise ConfigError(f"{where}: scores {unknown} are not metrics the tables report; "
+                          f"use {list(MULTICLASS_METRICS)}")
+    if not all(0 <= value <= 1 for value in published.scores.values()):
+        raise ConfigError(f"{where}: scores must be fractions between 0 and 1 (0.901, not 90.1), got "
+                          f"{published.scores}")
 
 
 def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> None:

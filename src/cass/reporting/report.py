@@ -34,6 +34,7 @@ from cass.experiment.config import (
     STARTING_POINT,
     SUPERVISED,
     ExperimentConfig,
+    PublishedResult,
     is_self_supervised,
 )
 from cass.experiment.comparisons import (
@@ -67,7 +68,7 @@ from cass.utils.rundir import predictions_file, read_history
 
 ARCH_NAMES = {"cnn": "CNN", "vit": "Transformer"}
 METRIC_NAMES = {
-    "macro_f1": "macro-F1", "micro_f1": "micro-F1", "macro_recall": "macro recall",
+    "macro_f1": "macro-F1", "micro_f1": "micro-F1", "accuracy": "accuracy", "macro_recall": "macro recall",
     "balanced_accuracy": "balanced accuracy", "auroc": "AUROC (macro, one-vs-rest)", "map": "mAP",
 }
 EXPLAINED_IMAGES = 4
@@ -174,15 +175,21 @@ def _format_interval(result: Interval, sign: str = "") -> str:
     return f"{result.estimate:{sign}.3f} [{result.low:{sign}.3f}, {result.high:{sign}.3f}]"
 
 
-def _cell(report: Report, rows: list[Row], metric: str) -> str:
-    """A table cell: ``mean [low, high] (n=k)``, the mean over the k seeds with its 95 % interval over test
-    images and seeds; ``mean ± std (n=k)`` where a cell kept no per-image predictions or the metric has no
-    bootstrap (mAP)."""
+def _cell_interval(report: Report, rows: list[Row], metric: str) -> Interval | None:
+    """The mean of ``metric`` over a cell's seeds with its 95 % interval over test images and seeds; None where
+    a seed kept no per-image predictions or the metric has no bootstrap (mAP)."""
     seeds = report.kept.seeds([report.cell_dir(row).name for row in rows], metric)
+    return None if seeds is None else interval(seeds)
+
+
+def _cell(report: Report, rows: list[Row], metric: str) -> str:
+    """A table cell: ``mean [low, high] (n=k)`` (:func:`_cell_interval`); ``mean ± std (n=k)`` where there is
+    no interval."""
+    result = _cell_interval(report, rows, metric)
     mark = NOT_CONVERGED if any(row.get("converged") is False for row in rows) else ""
-    if seeds is None:
+    if result is None:
         return _format(_mean_std(row[f"test_{metric}"] for row in rows)) + mark
-    return f"{_format_interval(interval(seeds))} (n={len(rows)}){mark}"
+    return f"{_format_interval(result)} (n={len(rows)}){mark}"
 
 
 NOT_CONVERGED = " †"
@@ -265,6 +272,54 @@ def _section_results(report: Report) -> str:
             text += [f"### {METRIC_NAMES[metric]}", results_table(report, metric)]
     text.append("Every row of every cell (with per-class F1, the confusion matrix and the config paths) is in "
                 "`results.csv` and `results.json`.")
+    return "\n\n".join(part for part in text if part)
+
+
+AGAINST_PUBLISHED = {ABOVE: "above it", BELOW: "below it", UNRESOLVED: "level"}
+"""Where a cell's interval lies relative to a published value (its verdict on ``cell - published``)."""
+
+
+def published_table(report: Report, published: PublishedResult) -> str:
+    """The published scores, then every fine-tuned cell at their label fraction: ``mean [low, high]`` and where
+    that interval lies relative to the published value (above it, level: contains it, below it)."""
+    metrics = list(published.scores)
+    rows = [[f"**{published.name}** (published)", "", ""] + [f"{published.scores[m]:.3f}" for m in metrics]]
+    cells = _groups(report.main, "method", "arch", "init", "label_fraction")
+    for method in report.cfg.methods:
+        for arch in report.cfg.archs:
+            for init in (i.name for i in report.cfg.inits):
+                found = cells.get((method, arch, init, published.label_fraction))
+                if not found:
+                    continue
+                values = []
+                for metric in metrics:
+                    result = _cell_interval(report, found, metric)
+                    values.append(_format(_mean_std(row[f"test_{metric}"] for row in found)) if result is None else
+                                  f"{_format_interval(result)}: "
+                                  f"{AGAINST_PUBLISHED[_shifted(result, published.scores[metric]).verdict]}")
+                rows.append([method_name(method), report.network(arch), init, *values])
+    return markdown_table(["method", "network", "init", *(METRIC_NAMES[m] for m in metrics)], rows)
+
+
+def _shifted(result: Interval, value: float) -> Interval:
+    """The interval of ``cell - value``: its verdict says where the cell lies relative to ``value``."""
+    return Interval(result.estimate - value, result.low - value, result.high - value)
+
+
+def _section_published(report: Report) -> str:
+    if not report.cfg.published:
+        return ""
+    text = ["## Against published results",
+            "Each published test score on this test split, then every fine-tuned cell at the same fraction of the "
+            f"train labels: the mean over seeds, {report.interval_caption()}; then where that interval lies: "
+            "above or below the published value, or level (it contains the value). The published number has an "
+            "unknown spread of its own (one training run, or a mean over runs), so a verdict says where this "
+            "tool's training lands, not that two methods differ."]
+    for published in report.cfg.published:
+        notes = " ".join(note for note in (published.recipe and f"Trained: {published.recipe}",
+                                           published.source and f"Source: {published.source}.") if note)
+        text += [f"### {published.name}, {_fraction(published.label_fraction)} labels", notes,
+                 published_table(report, published)]
     return "\n\n".join(part for part in text if part)
 
 
@@ -791,8 +846,9 @@ def _section_comparisons(report: Report, metric: str = "macro_f1") -> str:
 
 
 SECTIONS = (_section_overview, _section_comparisons, _section_readouts, _section_budget_curve,
-            _section_reading_guide, _section_results, _section_fraction_curves, _section_pretraining_curves,
-            _section_time, _section_robustness, _section_confusion, _section_explanations, _section_reproduce)
+            _section_reading_guide, _section_results, _section_published, _section_fraction_curves,
+            _section_pretraining_curves, _section_time, _section_robustness, _section_confusion,
+            _section_explanations, _section_reproduce)
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
