@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from cass.experiment.config import ExperimentConfig
 from cass.experiment.plan import Cell, PretrainRun, pretrain_dir, pretrain_run
 from cass.methods.registry import method_class
 from cass.utils.atomic import atomic_write_text
-from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text, read_history
+from cass.utils.rundir import CONFIG, METRICS, MetricsFile, csv_text, read_csv, read_history
 
 CELL = "cell.json"
 
@@ -133,3 +134,28 @@ def write_results(cfg: ExperimentConfig, cells: list[Cell]) -> None:
     summaries = [_pretraining_summary(cfg, run) for run in runs if (pretrain_dir(cfg, run) / METRICS).is_file()]
     atomic_write_text(out / PRETRAINING_CSV, csv_text(summaries))
 
+
+
+@dataclass(frozen=True)
+class TrainingTime:
+    """What an experiment's training took, from its own files: the seconds of its pretraining runs' epochs
+    (``pretraining.csv``) and of its cells' fine-tuning or readout fits (``results.csv``). Loading images,
+    reports and bootstraps are not counted, so the wall time of the whole benchmark is somewhat longer."""
+
+    pretraining_runs: int
+    pretraining_s: float
+    cells: int
+    cells_s: float
+
+    @property
+    def hours(self) -> float:
+        return (self.pretraining_s + self.cells_s) / 3600
+
+
+def training_time(run_dir: Path) -> TrainingTime:
+    """The :class:`TrainingTime` of an experiment directory (or of its files kept under ``results/``)."""
+    run_dir = Path(run_dir)
+    runs = read_csv(run_dir / PRETRAINING_CSV) if (run_dir / PRETRAINING_CSV).is_file() else []
+    cells = read_csv(run_dir / RESULTS_CSV) if (run_dir / RESULTS_CSV).is_file() else []
+    return TrainingTime(len(runs), sum(float(run["time_s"]) for run in runs),
+                        len(cells), sum(float(cell["finetune_time_s"] or 0) for cell in cells))

@@ -49,7 +49,7 @@ from cass.experiment.comparisons import (
     write_comparisons,
 )
 from cass.experiment.plan import Cell
-from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON
+from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, training_time
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.methods.registry import method_class
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
@@ -424,10 +424,19 @@ def _time_groups(report: Report) -> dict[str, list[float]]:
     return dict(times)
 
 
+def _total_time(report: Report) -> str:
+    """The experiment's training time so far, in one sentence."""
+    spent = training_time(report.run_dir)
+    return (f"The whole experiment so far: {spent.pretraining_runs} pretraining runs, {spent.pretraining_s:,.0f} s; "
+            f"{spent.cells} fine-tuning and readout cells, {spent.cells_s:,.0f} s; together {spent.hours:.1f} hours "
+            "of training on the machine above (loading images, reports and bootstraps not counted).")
+
+
 def _section_time(report: Report) -> str:
     times = _time_groups(report)
     if not times:
-        return "## Pretraining time\n\nNot run (no self-supervised method in this experiment)."
+        return ("## Pretraining time\n\nNot run (no self-supervised method in this experiment). "
+                f"Measured on {report.machine()}. " + _total_time(report))
     stats = {label: _mean_std(values) for label, values in times.items()}
     path, image = report.figure("pretraining_time.png", "pretraining time per run")
     plot_bars({label: (s[0], s[1]) for label, s in stats.items()}, path, "seconds per pretraining run",
@@ -440,7 +449,7 @@ def _section_time(report: Report) -> str:
     text = ["## Pretraining time",
             f"Wall-clock seconds of the training epochs (from each run's `metrics.csv`), measured on "
             f"{report.machine()}. CASS trains both networks in one run, so it is "
-            "compared with DINO-ViT, DINO-CNN and both DINO runs together.",
+            "compared with DINO-ViT, DINO-CNN and both DINO runs together. " + _total_time(report),
             "\n".join(lines), image]
     if ratios:
         text.insert(3, "CASS took " + ", ".join(ratios) + " (less than 1x = faster).")
