@@ -305,6 +305,18 @@ def test_the_experiment_states_every_comparison_from_its_kept_predictions(experi
 
 
 @pytest.mark.slow
+def test_rerunning_a_finished_experiment_trains_and_bootstraps_nothing_again(experiment_dir):
+    compared = experiment_dir / COMPARISONS_CSV
+    before = compared.stat().st_mtime_ns
+    cfg = load_yaml(ExperimentConfig, experiment_dir / "experiment.yaml")
+    assert run_experiment(cfg) == experiment_dir
+    assert compared.stat().st_mtime_ns == before
+    compared.unlink()  # a directory without its comparisons (written before they existed) gets them
+    run_experiment(cfg)
+    assert compared.is_file()
+
+
+@pytest.mark.slow
 def test_results_json_rows_match_the_cells_metrics(experiment_dir):
     rows = json.loads((experiment_dir / "results.json").read_text())
     for row in rows:

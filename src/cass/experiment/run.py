@@ -37,7 +37,13 @@ from cass.config import (
     to_dict,
 )
 from cass.evaluation.features import FeatureStore
-from cass.experiment.comparisons import budget_curve, comparisons, write_budget_curve, write_comparisons
+from cass.experiment.comparisons import (
+    COMPARISONS_CSV,
+    budget_curve,
+    comparisons,
+    write_budget_curve,
+    write_comparisons,
+)
 from cass.experiment.config import ExperimentConfig, validate
 from cass.experiment.plan import job_configs, plan, pool_config
 from cass.experiment.results import CELL, cell_row, write_results
@@ -134,11 +140,13 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         _pretrain(pool_cfg, method_class(pool_cfg.method).roles(pool_cfg.arch),
                   f"init {name}: pool of {len(pool_cfg.sources())} source(s)")
     features = FeatureStore(out / FEATURES)  # each frozen network's selection and test features, extracted once
+    ran = False  # any cell this session
     for number, (cell, run, run_cfg, ft_cfg) in enumerate(jobs, 1):
         label = f"[{number}/{len(cells)}] {cell.describe()}"
         if (Path(ft_cfg.out) / CELL).is_file():
             print(f"{label}: done, skipped", flush=True)
             continue
+        ran = True
         if run is not None:
             _pretrain(run_cfg, run.roles, label)
         print(f"{label}: fine-tuning", flush=True)
@@ -151,8 +159,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         write_results(cfg, cells)
     write_results(cfg, cells)
     shutil.rmtree(out / FEATURES, ignore_errors=True)  # every cell is done: nothing will read them again
-    write_comparisons(out, comparisons(cfg, out))
-    write_budget_curve(out, budget_curve(cfg, out))
+    if ran or not (out / COMPARISONS_CSV).is_file():  # a rerun with nothing left to do does not bootstrap again
+        write_comparisons(out, comparisons(cfg, out))
+        write_budget_curve(out, budget_curve(cfg, out))
     return out
 
 
