@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from cass import DataConfig, FinetuneConfig, finetune
 from cass.training.finetune import finished
@@ -42,6 +45,8 @@ PUBLISHED = {  # MedMNIST v2, Table 3, ResNet-18 (28): test AUC, ACC (../shared/
     "pneumoniamnist": (0.944, 0.854),
 }
 MODEL = "resnet18 (small stem, 28 px)"
+SEEDS = 3
+"""Seeds per dataset and recipe that the issue asks for; ``summary.csv`` says how many of them finished."""
 
 RECIPES = {
     "medmnist-v2": dict(epochs=100, batch_size=128, lr=1e-3, schedule="step", select_metric="auroc", augment="none",
@@ -62,13 +67,20 @@ class Run:
         return f"{self.dataset}_{self.recipe}_seed{self.seed}"
 
 
-def run_config(run: Run, out: Path) -> FinetuneConfig:
+def run_config(run: Run, out: Path, accelerator: str = "cpu") -> FinetuneConfig:
     """The ``cass finetune`` configuration of one run: supervised ResNet-18 (28) from random init."""
     return FinetuneConfig(
         data=DataConfig(data=str(DATA / f"{run.dataset}.npz")), source="scratch", arch="cnn", cnn="resnet18",
-        cnn_stem="small", img_size=28, seed=run.seed, out=str(out / run.name), accelerator="cpu",
+        cnn_stem="small", img_size=28, seed=run.seed, out=str(out / run.name), accelerator=accelerator,
         **RECIPES[run.recipe],
     )
+
+
+def device_name(accelerator: str) -> str:
+    """What a run's seconds were measured on (``runs.csv``): the GPU's name, or the CPU with its cores."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores"
 
 
 def cpu_seconds() -> float:
@@ -77,55 +89,74 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_one(run: Run, out: Path, timings: Path) -> None:
+def run_one(run: Run, out: Path, timings: Path, accelerator: str) -> None:
     """Train (or resume) one run; its wall and CPU seconds are appended to ``timings`` when it finishes here."""
     model_dir = out / run.name
     if finished(model_dir):
         return
     wall, cpu = time.perf_counter(), cpu_seconds()
-    finetune(run_config(run, out), resume=model_dir.exists())
-    record = {"run": run.name, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+    finetune(run_config(run, out, accelerator), resume=model_dir.exists())
+    record = {"run": run.name, "wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),
+              "device": device_name(accelerator)}
     with timings.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
-def _timings(timings: Path) -> dict[str, dict[str, float]]:
-    """Per run, the sum over its sessions (a resumed run is timed in pieces)."""
-    total: dict[str, dict[str, float]] = {}
+def _timings(timings: Path) -> dict[str, dict[str, float | str]]:
+    """Per run, the sum over its sessions (a resumed run is timed in pieces) and the device of the last one."""
+    total: dict[str, dict[str, float | str]] = {}
     if timings.is_file():
         for line in timings.read_text().splitlines():
             rec = json.loads(line)
             slot = total.setdefault(rec["run"], {"wall_s": 0.0, "cpu_s": 0.0})
             slot["wall_s"] += rec["wall_s"]
             slot["cpu_s"] += rec["cpu_s"]
+            slot["device"] = rec.get("device", "CPU, 2 cores")  # the first runs, before devices were recorded
     return total
 
 
+def _kept_rows(results: Path) -> dict[tuple[str, str, int], dict[str, str]]:
+    """The runs already in ``runs.csv`` (perhaps trained on another machine, their model directories gone)."""
+    path = results / "runs.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        # Runs kept before devices were recorded all ran on the 2-core CPU (no GPU had been lent then).
+        rows = [{**row, "device": row.get("device") or "CPU, 2 cores"} for row in csv.DictReader(fh)]
+    return {(row["dataset"], row["recipe"], int(row["seed"])): row for row in rows}
+
+
 def write_results(runs: list[Run], out: Path, results: Path) -> None:
-    """``runs.csv`` (finished runs) and ``summary.csv`` (mean/std over finished seeds, published row beside)."""
+    """``runs.csv`` (every finished run: those kept there before, and those finished under ``out``) and
+    ``summary.csv`` (mean/std over each row's finished seeds, of :data:`SEEDS` planned, published row beside)."""
     results.mkdir(parents=True, exist_ok=True)
     times = _timings(out / "timings.jsonl")
-    rows = []
+    kept = _kept_rows(results)
     for run in runs:
         if not finished(out / run.name):
             continue
         m = json.loads((out / run.name / "metrics.json").read_text())
-        rows.append({"dataset": run.dataset, "recipe": run.recipe, "seed": run.seed, "test_auc": m["auroc"],
-                     "test_acc": m["accuracy"], "test_macro_f1": m["macro_f1"], "val_auc": m["selection"]["auroc"],
-                     "best_evaluation": m["epoch"], "steps": m["steps"], **times.get(run.name, {})})
+        kept[(run.dataset, run.recipe, run.seed)] = {
+            "dataset": run.dataset, "recipe": run.recipe, "seed": run.seed, "test_auc": m["auroc"],
+            "test_acc": m["accuracy"], "test_macro_f1": m["macro_f1"], "val_auc": m["selection"]["auroc"],
+            "best_evaluation": m["epoch"], "steps": m["steps"], **times.get(run.name, {})}
+    rows = [kept[key] for key in sorted(kept)]
     _write_csv(results / "runs.csv", rows)
     summary = []
-    planned = {(r.dataset, r.recipe) for r in runs}
-    for dataset, recipe in sorted(planned):
-        done = [r for r in rows if (r["dataset"], r["recipe"]) == (dataset, recipe)]
-        n_planned = sum(1 for r in runs if (r.dataset, r.recipe) == (dataset, recipe))
-        auc, acc = [r["test_auc"] for r in done], [r["test_acc"] for r in done]
-        summary.append({
-            "dataset": dataset, "model": MODEL, "recipe": recipe, "seeds": f"{len(done)} of {n_planned}",
-            "test_auc": _mean(auc), "test_auc_std": _std(auc), "test_acc": _mean(acc), "test_acc_std": _std(acc),
-            "published_auc": PUBLISHED[dataset][0], "published_acc": PUBLISHED[dataset][1],
-        })
+    for dataset in sorted(PUBLISHED):
+        for recipe in sorted(RECIPES):
+            done = [r for r in rows if (r["dataset"], r["recipe"]) == (dataset, recipe)]
+            summary.append(_summary_row(dataset, recipe, done))
     _write_csv(results / "summary.csv", summary)
+
+
+def _summary_row(dataset: str, recipe: str, done: list[dict]) -> dict[str, str | float]:
+    auc, acc = [float(r["test_auc"]) for r in done], [float(r["test_acc"]) for r in done]
+    return {
+        "dataset": dataset, "model": MODEL, "recipe": recipe, "seeds": f"{len(done)} of {SEEDS}",
+        "test_auc": _mean(auc), "test_auc_std": _std(auc), "test_acc": _mean(acc), "test_acc_std": _std(acc),
+        "published_auc": PUBLISHED[dataset][0], "published_acc": PUBLISHED[dataset][1],
+    }
 
 
 def _mean(values: list[float]) -> str:
@@ -140,7 +171,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -152,12 +183,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "medmnist_reference")
     parser.add_argument("--results", type=Path, default=REPO / "results" / "medmnist_reference")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"],
+                        help="where to train (runs.csv records the device of each run's seconds)")
     args = parser.parse_args()
     # Smaller data set first, and every seed of a recipe before the next: a stopped run leaves whole rows.
     runs = [Run(d, r, s) for d in args.datasets for r in args.recipes for s in args.seeds]
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs:
-        run_one(run, args.out, args.out / "timings.jsonl")
+        run_one(run, args.out, args.out / "timings.jsonl", args.accelerator)
         write_results(runs, args.out, args.results)
 
 

@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic (their runs are benchmarks, not tests): how a fine-tuning variant is
-applied to a committed cell's configuration."""
+applied to a committed cell's configuration, how training time is added up, how reference runs are kept."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cass.config import ConfigError, FinetuneConfig
+from cass.utils.rundir import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +57,23 @@ def test_training_time_adds_up_every_run_and_cell_of_each_benchmark_folder_found
     assert spent.hours == pytest.approx(336.5 / 3600)
     assert time_script._row(tmp_path / "pooled") == [str(tmp_path / "pooled"), "1 pretraining run, 2 epochs (3,600 s)",
                                                       "1.00", "not recorded"]
+
+
+def test_medmnist_reference_keeps_the_runs_already_recorded_when_more_seeds_finish(tmp_path):
+    reference = load_script("medmnist_reference")
+    results, out = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    (results / "runs.csv").write_text("dataset,recipe,seed,test_auc,test_acc\nbreastmnist,medmnist-v2,0,0.89,0.85\n")
+    run = reference.Run("breastmnist", "medmnist-v2", 1)  # finished here, on a GPU
+    (out / run.name).mkdir(parents=True)
+    (out / run.name / "metrics.json").write_text(
+        '{"auroc": 0.91, "accuracy": 0.87, "macro_f1": 0.8, "selection": {"auroc": 0.9}, "epoch": 40, "steps": 160}')
+    (out / "timings.jsonl").write_text('{"run": "%s", "wall_s": 60.0, "cpu_s": 50.0, "device": "H100"}\n' % run.name)
+    reference.write_results([run], out, results)
+    rows = read_csv(results / "runs.csv")
+    assert [(r["seed"], r["test_auc"], r["device"]) for r in rows] == [("0", "0.89", "CPU, 2 cores"),
+                                                                        ("1", "0.91", "H100")]
+    summary = {(r["dataset"], r["recipe"]): r for r in read_csv(results / "summary.csv")}
+    breast = summary[("breastmnist", "medmnist-v2")]
+    assert (breast["seeds"], breast["test_auc"], breast["test_acc"]) == ("2 of 3", "0.9000", "0.8600")
+    assert summary[("pneumoniamnist", "medmnist-v2")]["seeds"] == "0 of 3"
