@@ -233,16 +233,12 @@ def _series_label(method: str, init: str) -> str:
 def results_table(report: Report, metric: str = "macro_f1") -> str:
     """The paper's layout: rows method x architecture (x init), columns label fractions, mean [95 % interval]."""
     fractions = report.cfg.label_fractions
-    lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
-             "|---|---|---|" + "---|" * len(fractions)]
     cells = _groups(report.main, "method", "arch", "init", "label_fraction")
-    for method in report.cfg.methods:
-        for arch in report.cfg.archs:
-            for init in (i.name for i in report.cfg.inits):
-                values = [_cell(report, cells.get((method, arch, init, f), []), metric) for f in fractions]
-                name = f"| {method_name(method)} | {report.network(arch)} | {init} | "
-                lines.append(name + " | ".join(values) + " |")
-    return "\n".join(lines)
+    rows = [[method_name(method), report.network(arch), init,
+             *(_cell(report, cells.get((method, arch, init, f), []), metric) for f in fractions)]
+            for method in report.cfg.methods for arch in report.cfg.archs
+            for init in (i.name for i in report.cfg.inits)]
+    return markdown_table(["method", "network", "init", *map(_fraction, fractions)], rows)
 
 
 def summary_table(run_dir: str | Path, metric: str = "macro_f1", readout: str | None = None) -> str:
@@ -441,8 +437,8 @@ def _section_time(report: Report) -> str:
     path, image = report.figure("pretraining_time.png", "pretraining time per run")
     plot_bars({label: (s[0], s[1]) for label, s in stats.items()}, path, "seconds per pretraining run",
               f"{report.cfg.pretrain.epochs} epochs, batch {report.cfg.pretrain.batch_size}")
-    lines = ["| run | seconds per run (mean ± std over runs) |", "|---|---|"]
-    lines += [f"| {label} | {_format(s, 1)} |" for label, s in stats.items()]
+    table = markdown_table(["run", "seconds per run (mean ± std over runs)"],
+                           [[label, _format(s, 1)] for label, s in stats.items()])
     cass_time = stats.get("CASS (CNN + ViT, one run)")
     ratios = [f"{cass_time[0] / stats[other][0]:.2f}x {other}" for other in list(stats)[1:]
               if cass_time and stats[other][0] > 0]
@@ -450,7 +446,7 @@ def _section_time(report: Report) -> str:
             f"Wall-clock seconds of the training epochs (from each run's `metrics.csv`), measured on "
             f"{report.machine()}. CASS trains both networks in one run, so it is "
             "compared with DINO-ViT, DINO-CNN and both DINO runs together. " + _total_time(report),
-            "\n".join(lines), image]
+            table, image]
     if ratios:
         text.insert(3, "CASS took " + ", ".join(ratios) + " (less than 1x = faster).")
     return "\n\n".join(text)
@@ -634,11 +630,11 @@ def _section_reproduce(report: Report) -> str:
         "One cell alone: `cass pretrain --config PRETRAIN_CONFIG --out NEW_RUN`, then `cass finetune --config "
         "FINETUNE_CONFIG --from NEW_RUN --out NEW_MODEL` (the supervised baseline needs only the second; "
         "without `--from` the fine-tuning starts from this experiment's own pretraining run).",
-        "| cell | macro-F1 | fine-tuning config | pretraining config |", "|---|---|---|---|",
+        markdown_table(["cell", "macro-F1", "fine-tuning config", "pretraining config"],
+                       [[_describe_cell(r), f"{r['test_macro_f1']:.3f}", f"`{r['finetune_config']}`",
+                         f"`{r['pretrain_config']}`" if r["pretrain_config"] else "-"] for r in report.rows]),
     ]
-    lines += [f"| {_describe_cell(r)} | {r['test_macro_f1']:.3f} | `{r['finetune_config']}` | "
-              f"{'`' + r['pretrain_config'] + '`' if r['pretrain_config'] else '-'} |" for r in report.rows]
-    return "\n\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:])
+    return "\n\n".join(lines)
 
 
 def _comparison(report: Report, arch: str, init: str) -> str | None:
@@ -740,8 +736,7 @@ def readout_table(report: Report, mode: str, metric: str = "macro_f1") -> str:
     groups = _groups([r for r in report.readouts if r["mode"] == mode], "method", "arch", "init", "label_fraction")
     added = {(r["a"], r["arch"], r["init"], r["label_fraction"]): r for r in report.comparisons
              if r["comparison"] == PRETRAINING_ADDED and r["mode"] == mode and r["metric"] == metric}
-    lines = ["| method | network | init | " + " | ".join(_fraction(f) for f in fractions) + " |",
-             "|---|---|---|" + "---|" * len(fractions)]
+    rows = []
     for arch in report.cfg.archs:
         for init in (i.name for i in report.cfg.inits):
             for method in [STARTING_POINT, *(m for m in report.cfg.methods if is_self_supervised(m))]:
@@ -750,9 +745,8 @@ def readout_table(report: Report, mode: str, metric: str = "macro_f1") -> str:
                     difference = added.get((method, arch, init, fraction))
                     values.append(_cell(report, groups.get((method, arch, init, fraction), []), metric)
                                   + (f"; Δ {_difference(difference)}" if difference else ""))
-                lines.append(f"| {method_name(method)} | {report.network(arch)} | {init} | "
-                             + " | ".join(values) + " |")
-    return "\n".join(lines)
+                rows.append([method_name(method), report.network(arch), init, *values])
+    return markdown_table(["method", "network", "init", *map(_fraction, fractions)], rows)
 
 
 def _difference(row: Row) -> str:
