@@ -334,6 +334,9 @@ def test_readouts_first_then_fine_tuning_adds_cells_without_redoing_any(shared_d
     first = CliRunner().invoke(app, ["experiment", "--config", str(config), "--readouts-only"])
     assert first.exit_code == 0, first.output
     assert {r["mode"] for r in json.loads((Path(cfg.out) / "results.json").read_text())} == {"knn"}
+    assert load_yaml(ExperimentConfig, Path(cfg.out) / "experiment.yaml") == cfg  # the whole grid, still to finish
+    md, _ = write_report(Path(cfg.out))
+    assert "**part-done: 2 of 3 cells finished**" in md.read_text()
     second = CliRunner().invoke(app, ["experiment", "--config", str(config)])
     assert second.exit_code == 0, second.output
     assert second.output.count("done, skipped") == 2 and "ing pretraining" not in second.output  # not redone

@@ -218,7 +218,7 @@ def experiment(
     num_workers: Annotated[int | None, Opt(help="Data-loading worker processes.")] = None,
     accelerator: Annotated[str | None, Opt(help="auto, cpu or gpu (pretraining and fine-tuning).")] = None,
     readouts_only: Annotated[bool, Opt("--readouts-only", help="Only the pretraining runs and frozen-feature readouts "
-                                       "(fine_tune: false); rerun without it to add the fine-tuning cells.")] = False,
+                                       "this time; rerun without it to add the fine-tuning cells.")] = False,
 ) -> None:
     """Run the comparison grid (methods x networks x inits x label fractions x seeds); resumable."""
     from cass.experiment.config import ExperimentConfig
@@ -227,11 +227,10 @@ def experiment(
     overrides = given(
         data__data=data, data__val_data=val_data, out=out, data__num_workers=num_workers,
         pretrain__accelerator=accelerator, finetune__accelerator=accelerator,
-        fine_tune=False if readouts_only else None,
     )
     cfg = merge(load_yaml(ExperimentConfig, config) if config else ExperimentConfig(), overrides)
     with _resume_hint("the same cass experiment command"):
-        run_dir = run_experiment(cfg)
+        run_dir = run_experiment(cfg, readouts_only=readouts_only)
     typer.echo(f"results: {run_dir / 'results.csv'}; write the report with: cass report {run_dir}")
 
 

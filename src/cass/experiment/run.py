@@ -121,12 +121,19 @@ def _pretrain(run_cfg: PretrainConfig, roles: Sequence[str], label: str) -> None
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
-def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Run (or continue) the whole grid; returns ``cfg.out``, which holds the results and every run."""
+def run_experiment(cfg: ExperimentConfig, readouts_only: bool = False) -> Path:
+    """Run (or continue) the whole grid; returns ``cfg.out``, which holds the results and every run.
+
+    ``readouts_only`` stops after the pretraining runs and the frozen-feature readouts (the cheap cells,
+    so a long benchmark can get every dataset's readouts before any dataset's fine-tuning); the directory
+    still records the whole grid, so its report counts the fine-tuning cells as not yet finished.
+    """
     validate(cfg)
+    if readouts_only and not cfg.readouts:
+        raise ConfigError("experiment: --readouts-only needs readouts (knn, logistic) to run; this grid has none")
     out = Path(cfg.out)
     cells = plan(cfg)
-    jobs = [(cell, *job_configs(cfg, cell)) for cell in cells]
+    jobs = [(cell, *job_configs(cfg, cell)) for cell in cells if not readouts_only or cell.mode in cfg.readouts]
     pools = {init.name: pool_config(cfg, init) for init in cfg.inits if init.pool}
     for step in [*pools.values(), *(step for _, _, run_cfg, ft_cfg in jobs for step in (run_cfg, ft_cfg))]:
         if step is not None:  # before anything is written or trained
@@ -134,8 +141,9 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     save_yaml(cfg, out / EXPERIMENT_YAML)
     sessions = json.loads((out / ENVIRONMENT).read_text()) if (out / ENVIRONMENT).is_file() else []
     atomic_write_text(out / ENVIRONMENT, json.dumps([*sessions, environment()], indent=2))
-    print(f"experiment {out}: {len(cells)} cells, {len({run for _, run, _, _ in jobs} - {None}) + len(pools)} "
-          "pretraining runs", flush=True)
+    this_time = f" ({len(jobs)} this time: readouts only)" if readouts_only else ""
+    print(f"experiment {out}: {len(cells)} cells{this_time}, "
+          f"{len({run for _, run, _, _ in jobs} - {None}) + len(pools)} pretraining runs", flush=True)
     for name, pool_cfg in pools.items():  # before any cell: every cell of the init starts from its networks
         _pretrain(pool_cfg, method_class(pool_cfg.method).roles(pool_cfg.arch),
                   f"init {name}: pool of {len(pool_cfg.sources())} source(s)")

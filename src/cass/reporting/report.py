@@ -48,7 +48,7 @@ from cass.experiment.comparisons import (
     write_budget_curve,
     write_comparisons,
 )
-from cass.experiment.plan import Cell
+from cass.experiment.plan import Cell, plan
 from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, training_time
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.methods.registry import method_class
@@ -714,9 +714,18 @@ def _section_overview(report: Report) -> str:
         f"Experiment `{report.run_dir}`: data `{cfg.data.data or 'shipped brain-MRI sample'}`, methods "
         f"{', '.join(method_name(m) for m in cfg.methods)}, networks {cfg.pretrain.cnn} (CNN) and "
         f"{cfg.pretrain.vit} (Transformer) at {cfg.pretrain.img_size or 'their default'} px, label fractions "
-        f"{', '.join(map(_fraction, cfg.label_fractions))}, seeds {cfg.seeds}; {len(report.rows)} finished "
-        f"cells. Run on {report.machine()}.",
+        f"{', '.join(map(_fraction, cfg.label_fractions))}, seeds {cfg.seeds}; {_progress(report)}. "
+        f"Run on {report.machine()}.",
     ])
+
+
+def _progress(report: Report) -> str:
+    """How many of the grid's cells have finished; a part-done experiment says so in bold."""
+    planned = len(plan(report.cfg))
+    if len(report.rows) >= planned:
+        return f"all {planned} cells finished"
+    return (f"**part-done: {len(report.rows)} of {planned} cells finished** (rerunning the experiment continues "
+            "it; every table below holds the finished cells only)")
 
 
 def readout_name(mode: str, cfg: FinetuneConfig) -> str:
