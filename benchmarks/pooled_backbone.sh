@@ -9,7 +9,8 @@
 #
 # Order, so that an interrupted run leaves the most answer per CPU hour: the pooled pretraining, the two
 # stand-ins, every dataset's readouts (`--readouts-only`), then every dataset's fine-tuning; each step skips
-# what is finished. A report is written after each experiment step (part-done reports say how many cells).
+# what is finished. A report is written, and the files kept under results/, after each experiment step
+# (part-done reports say how many cells).
 set -euo pipefail
 CASS=.venv/bin/cass
 DATASETS=(brain blood pneumonia breast)
@@ -32,6 +33,7 @@ for pass in --readouts-only ""; do
   for ds in "${DATASETS[@]}"; do
     $CASS experiment --config "configs/experiments/pooled_${ds}_cpu.yaml" $pass
     $CASS report "runs/pooled_${ds}_cpu"
+    bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"  # part-done is kept too
   done
 done
 
@@ -43,7 +45,4 @@ cp "${POOLED}_export/MODEL_CARD.md" "$POOLED"/{sources.json,metrics.csv,start.cs
 for standin in runs/standin/*_64; do  # what each stand-in scored on its own data, and how it was trained
   mkdir -p "results/pooled_backbone/standin/$(basename "$standin")"
   cp "$standin"/{metrics.json,config.yaml} "results/pooled_backbone/standin/$(basename "$standin")/"
-done
-for ds in "${DATASETS[@]}"; do
-  bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"
 done
