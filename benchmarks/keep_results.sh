@@ -5,7 +5,7 @@
 # environment.json, experiment.yaml, held_out.csv (the test and selection images carved from train, with their
 # groups), each pretraining run's per-epoch metrics.csv and start.csv (epoch 0), each cell's per-image test
 # predictions (finetune/<cell>/test_predictions.csv.gz: what the intervals are computed from), the budget curve
-# (budget_curve.csv) when the experiment reads snapshots out, and the report.
+# (budget_curve.csv) when the experiment reads snapshots out, and the report (report.md and its figures).
 set -euo pipefail
 RUN=${1:?experiment directory}
 OUT=${2:?results directory}
@@ -30,4 +30,5 @@ for dir in "$RUN"/pretrain/*/; do
   [ -f "$dir/held_out.csv" ] && cp "$dir/held_out.csv" "$OUT/held_out.csv"
 done
 cp -r "$RUN/report" "$OUT/report"
+rm -f "$OUT/report/report.html"  # the same report as report.md with its figures inlined: twice the bytes
 du -sh "$OUT"
