@@ -32,7 +32,9 @@ bash benchmarks/standin.sh brain 64
 for pass in --readouts-only ""; do
   for ds in "${DATASETS[@]}"; do
     $CASS experiment --config "configs/experiments/pooled_${ds}_cpu.yaml" $pass
-    $CASS report "runs/pooled_${ds}_cpu"
+    if [ "runs/pooled_${ds}_cpu/results.json" -nt "runs/pooled_${ds}_cpu/report/report.md" ]; then  # new cells since its report
+      $CASS report "runs/pooled_${ds}_cpu"
+    fi
     bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"  # part-done is kept too
   done
 done

@@ -165,9 +165,9 @@ def run_experiment(cfg: ExperimentConfig, readouts_only: bool = False) -> Path:
         print(f"{label}: test macro-F1 {row['test_macro_f1']:.4f} (selection {row['val_macro_f1']:.4f}; "
               f"{row['finetune_time_s']:.0f} s)", flush=True)
         write_results(cfg, cells)
-    write_results(cfg, cells)
     shutil.rmtree(out / FEATURES, ignore_errors=True)  # every cell is done: nothing will read them again
-    if ran or not (out / COMPARISONS_CSV).is_file():  # a rerun with nothing left to do does not bootstrap again
+    if ran or not (out / COMPARISONS_CSV).is_file():  # a rerun with nothing left to do rewrites nothing
+        write_results(cfg, cells)
         write_comparisons(out, comparisons(cfg, out))
         write_budget_curve(out, budget_curve(cfg, out))
     return out
