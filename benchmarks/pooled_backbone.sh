@@ -32,10 +32,11 @@ bash benchmarks/standin.sh brain 64
 for pass in --readouts-only ""; do
   for ds in "${DATASETS[@]}"; do
     $CASS experiment --config "configs/experiments/pooled_${ds}_cpu.yaml" $pass
-    if [ "runs/pooled_${ds}_cpu/results.json" -nt "runs/pooled_${ds}_cpu/report/report.md" ]; then  # new cells since its report
-      $CASS report "runs/pooled_${ds}_cpu"
+    run="runs/pooled_${ds}_cpu"
+    if [ "$run/results.json" -nt "$run/report/report.md" ]; then  # new cells since its report
+      $CASS report "$run"
     fi
-    bash benchmarks/keep_results.sh "runs/pooled_${ds}_cpu" "results/pooled_backbone/$ds"  # part-done is kept too
+    bash benchmarks/keep_results.sh "$run" "results/pooled_backbone/$ds"  # part-done is kept too
   done
 done
 
