@@ -357,7 +357,7 @@ class FinetuneConfig:
     loss: str = "ce"
     """``ce`` (cross-entropy; BCE for multi-label) or ``focal`` (the paper's sigmoid focal loss, alpha 1, gamma 2).
     Chosen by measurement on the selection split: cross-entropy scored higher in 15 of 16 conditions of the
-    BreastMNIST shared-backbone comparison and in both blood-cell runs (BENCHMARKS "Fine-tuning loss")."""
+    BreastMNIST shared-backbone comparison and in both blood-cell runs (BENCHMARKS "Fine-tuning checks")."""
     class_weights: str = "inverse"
     """``inverse`` (inverse frequency, normalised), ``none``, or ``paper`` (the public code's: grows with frequency)."""
     patience: int = opt(10, ge=1)
