@@ -11,7 +11,12 @@ import torch
 from scipy.special import expit, softmax
 from sklearn import metrics as skm
 
-from cass.evaluation.metrics import ClassificationMetrics, compute_metrics, recording_predictions
+from cass.evaluation.metrics import (
+    ClassificationMetrics,
+    compute_metrics,
+    constant_prediction_macro_f1,
+    recording_predictions,
+)
 from cass.evaluation.predictions import load_predictions, save_predictions
 from cass.utils.rundir import PLAIN_PREDICTIONS, PREDICTIONS, predictions_file
 
@@ -205,3 +210,11 @@ def test_a_cells_predictions_file_is_the_compressed_one_unless_an_older_run_left
     assert predictions_file(tmp_path) == tmp_path / PLAIN_PREDICTIONS
     (tmp_path / PREDICTIONS).write_bytes(gzip.compress(b"file,target,pred\n"))
     assert predictions_file(tmp_path) == tmp_path / PREDICTIONS
+
+
+def test_the_best_constant_prediction_is_the_most_frequent_class_or_every_label_on():
+    targets = np.array([0] * 7 + [1] * 2 + [2])  # predicting 0 everywhere: F1 2*0.7/1.7 for class 0, 0 for 1, 2
+    assert constant_prediction_macro_f1(targets, 3, multilabel=False) == approx(2 * 0.7 / 1.7 / 3)
+    assert constant_prediction_macro_f1(targets, 3, False) == approx(skm.f1_score(targets, np.zeros(10), average="macro"))
+    labels = np.array([[1, 0], [1, 0], [0, 1], [1, 0]])  # every label on: F1 2*0.75/1.75 and 2*0.25/1.25
+    assert constant_prediction_macro_f1(labels, 2, multilabel=True) == approx((1.5 / 1.75 + 0.5 / 1.25) / 2)

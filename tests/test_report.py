@@ -44,6 +44,7 @@ from cass.reporting.report import (
     _groups,
     _section_published,
     _section_robustness,
+    constant_caption,
     convergence_caption,
     method_name,
     pretraining_added_verdict,
@@ -193,18 +194,22 @@ def test_published_scores_are_set_beside_every_cell_at_their_fraction_with_where
 
 
 @pytest.mark.slow
-def test_a_cell_with_a_run_that_did_not_converge_is_marked_and_counted(experiment_dir, tmp_path):
+def test_cells_that_did_not_converge_or_beat_a_constant_prediction_are_marked_and_counted(experiment_dir, tmp_path):
     report = Report(experiment_dir)
     report.kept = KeptPredictions(tmp_path)
     template = report.rows[0]
-    ran = [("cnn", 0, True), ("cnn", 1, False), ("vit", 0, True), ("vit", 1, True)]
+    ran = [("cnn", 0, True, True), ("cnn", 1, False, True), ("vit", 0, True, False), ("vit", 1, True, True)]
     report.main = [{**template, "method": "cass", "arch": arch, "init": "scratch", "label_fraction": 1.0,
-                    "seed": seed, "test_macro_f1": 0.5, "converged": converged} for arch, seed, converged in ran]
+                    "seed": seed, "test_macro_f1": 0.5, "converged": converged, "above_constant": learnt}
+                   for arch, seed, converged, learnt in ran]
     lines = results_table(report).splitlines()
     assert next(line for line in lines if line.startswith("| CASS | CNN")).endswith("(n=2) † |")
-    assert next(line for line in lines if line.startswith("| CASS | Transformer")).endswith("(n=2) |")
+    assert next(line for line in lines if line.startswith("| CASS | Transformer")).endswith("(n=2) ‡ |")
     assert "in 3 of 4 runs" in convergence_caption(report.main)
-    assert convergence_caption([{**row, "converged": None} for row in report.main]) == ""  # older cells: unknown
+    assert "most frequent class for every image" in constant_caption(report.main)
+    assert "(1 of 4 runs)" in constant_caption(report.main)
+    older = [{**row, "converged": None, "above_constant": None} for row in report.main]  # cells from before
+    assert convergence_caption(older) == constant_caption(older) == ""
 
 
 @pytest.mark.slow
@@ -271,6 +276,7 @@ def test_every_cell_keeps_its_test_predictions_as_scored(experiment_dir):
         assert confusion.tolist() == row["confusion_matrix"]
         macro_f1 = skm.f1_score(kept.targets, kept.predicted, average="macro")
         assert macro_f1 == pytest.approx(row["test_macro_f1"], abs=1e-6)
+        assert row["above_constant"] == (row["val_macro_f1"] > row["val_constant_macro_f1"] + 1e-6)
         assert (cell / MODEL).is_file() == (row["mode"] == "full" and row["method"] != STARTING_POINT)
 
 

@@ -106,6 +106,8 @@ def cell_row(cfg: ExperimentConfig, cell: Cell, run: PretrainRun | None, finetun
         **{f"val_{key}": selection.get(key) for key in SCORES},
         "best_evaluation": metrics.get("epoch"), "steps": metrics.get("steps"), "val_loss": selection.get("val_loss"),
         "converged": metrics.get("converged"),  # fine-tuning only: early stopping ended it, not the budget
+        "above_constant": metrics.get("above_constant_prediction"),  # None: a cell from before it was checked
+        "val_constant_macro_f1": selection.get("constant_prediction_macro_f1"),
         "num_test_images": metrics.get("num_samples"), "num_val_images": selection.get("num_samples"),
         "pretrain_time_s": pre["time_s"] if pre else None,
         "pretrain_device_time_s": pre["device_time_s"] if pre else None,

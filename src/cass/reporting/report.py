@@ -187,6 +187,7 @@ def _cell(report: Report, rows: list[Row], metric: str) -> str:
     no interval."""
     result = _cell_interval(report, rows, metric)
     mark = NOT_CONVERGED if any(row.get("converged") is False for row in rows) else ""
+    mark += CONSTANT if any(row.get("above_constant") is False for row in rows) else ""
     if result is None:
         return _format(_mean_std(row[f"test_{metric}"] for row in rows)) + mark
     return f"{_format_interval(result)} (n={len(rows)}){mark}"
@@ -194,6 +195,23 @@ def _cell(report: Report, rows: list[Row], metric: str) -> str:
 
 NOT_CONVERGED = " †"
 """Marks a fine-tuning cell where at least one seed reached its evaluation budget still improving."""
+
+
+CONSTANT = " ‡"
+"""Marks a cell where at least one seed's chosen model was no better, on the selection split, than
+predicting the same class for every image."""
+
+
+def constant_caption(rows: list[Row]) -> str:
+    """How many runs' chosen models beat a constant prediction on the selection split, and what ``‡`` means;
+    empty for cells finished before cass checked it."""
+    known = [row["above_constant"] for row in rows if row.get("above_constant") is not None]
+    if not known:
+        return ""
+    return (f"`{CONSTANT.strip()}` marks a cell where a run's chosen model scored no higher selection macro-F1 than "
+            "predicting the most frequent class for every image (`val_constant_macro_f1` in `results.csv`): it "
+            f"learnt nothing the selection split can see, whatever ended its training ({len(known) - sum(known)} "
+            f"of {len(known)} runs).")
 
 
 def convergence_caption(rows: list[Row]) -> str:
@@ -260,6 +278,7 @@ def _section_results(report: Report) -> str:
         f"{report.cfg.pretrain.batch_size}, {report.cfg.pretrain.epochs} epochs; fine-tuning mode "
         f"`{report.cfg.finetune.mode}`. Columns are the fraction of the train labels used for fine-tuning.",
         convergence_caption(report.main),
+        constant_caption(report.main),
         results_table(report, "macro_f1"),
     ]
     present = {k for row in report.main for k, v in row.items() if v is not None}
@@ -787,12 +806,13 @@ def _section_readouts(report: Report) -> str:
             "(its initialisation, before any pretraining), with the same labelled images. Test-split macro-F1, "
             f"the mean over seeds {report.cfg.seeds}, {report.interval_caption()}; after Δ the paired difference from "
             "the starting point (same test images, labelled subsets and seeds) with its interval and verdict. A "
-            "method whose difference is not above 0 did not learn features this readout can use."]
+            "method whose difference is not above 0 did not learn features this readout can use.",
+            constant_caption(report.readouts)]
     for mode in report.cfg.readouts:
         name = readout_name(mode, report.cfg.finetune)
         text += [f"### {name[0].upper()}{name[1:]}", readout_table(report, mode),
                  pretraining_added_verdict(report, mode)]
-    return "\n\n".join(text)
+    return "\n\n".join(part for part in text if part)
 
 
 VERDICT_STYLES = {ABOVE: ("tab:green", "o"), UNRESOLVED: ("tab:gray", "D"), BELOW: ("tab:red", "s")}

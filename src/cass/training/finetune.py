@@ -47,7 +47,7 @@ from cass.data.subsets import label_fraction_indices, save_subset
 from cass.data.transforms import cass_augmentation, eval_transform
 from cass.evaluation.features import FeatureStore, extract_features
 from cass.evaluation.losses import class_weights, create_loss
-from cass.evaluation.metrics import ClassificationMetrics, recording_predictions
+from cass.evaluation.metrics import ClassificationMetrics, constant_prediction_macro_f1, recording_predictions
 from cass.evaluation.predictions import save_predictions
 from cass.evaluation.readouts import (
     READOUT_FILES,
@@ -234,10 +234,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, feature_store: FeatureSt
     with recording_predictions() as recorder:  # per test image, for the paired intervals of an experiment
         reported = score(test)
     save_predictions(out / PREDICTIONS, test.keys, recorder.only())  # before the scores: they mark it finished
+    floor = constant_prediction_macro_f1(selection.targets, len(train.classes), train.multilabel)
     metrics = {**reported, "split": "test", "epoch": chosen_on.get("epoch"), "steps": chosen_on.get("steps"),
                **({"readout": chosen_on.pop("readout")} if "readout" in chosen_on else {}),  # k or C, chosen
                **({"converged": chosen_on.pop("converged")} if "converged" in chosen_on else {}),
-               "selection": {**chosen_on, "split": "val"}}
+               "above_constant_prediction": chosen_on["macro_f1"] > floor + CONSTANT_MARGIN,
+               "selection": {**chosen_on, "split": "val", "constant_prediction_macro_f1": floor}}
     atomic_write_text(out / SCORES, json.dumps(metrics, indent=2))
     (out / STATE).unlink(missing_ok=True)  # finished: the model and its scores stay, the resume state goes
     if not cfg.save_model:
@@ -246,6 +248,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, feature_store: FeatureSt
     fabric.print(f"test macro-F1 {metrics['macro_f1']:.4f} (selection macro-F1 {chosen_on['macro_f1']:.4f}, "
                  f"best evaluation {metrics.get('epoch') or '-'}); model directory: {out}")
     return out
+
+
+CONSTANT_MARGIN = 1e-6
+"""Selection macro-F1 a chosen model must exceed the best constant prediction by (rounding, not a test)."""
 
 
 def finished(out: Path) -> bool:
