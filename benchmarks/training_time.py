@@ -45,7 +45,9 @@ def _row(folder: Path) -> list[str] | None:
     if (folder / "runs.csv").is_file():
         runs = read_csv(folder / "runs.csv")
         seconds = sum(float(run["wall_s"]) for run in runs)
-        return [str(folder), f"{len(runs)} training run(s) ({seconds:,.0f} s)", f"{seconds / 3600:.2f}", "not recorded"]
+        devices = sorted({run.get("device") or "not recorded" for run in runs})
+        return [str(folder), f"{len(runs)} training run(s) ({seconds:,.0f} s)", f"{seconds / 3600:.2f}",
+                "; ".join(devices)]
     return None
 
 
