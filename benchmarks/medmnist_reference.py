@@ -23,7 +23,6 @@ from its last evaluation, a finished one is skipped), so the script can be stopp
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -36,6 +35,8 @@ import torch
 
 from cass import DataConfig, FinetuneConfig, finetune
 from cass.training.finetune import finished
+from cass.utils.atomic import atomic_write_text
+from cass.utils.rundir import csv_text, read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -120,9 +121,8 @@ def _kept_rows(results: Path) -> dict[tuple[str, str, int], dict[str, str]]:
     path = results / "runs.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="") as fh:
-        # Runs kept before devices were recorded all ran on the 2-core CPU (no GPU had been lent then).
-        rows = [{**row, "device": row.get("device") or "CPU, 2 cores"} for row in csv.DictReader(fh)]
+    # Runs kept before devices were recorded all ran on the 2-core CPU (no GPU had been lent then).
+    rows = [{**row, "device": row.get("device") or "CPU, 2 cores"} for row in read_csv(path)]
     return {(row["dataset"], row["recipe"], int(row["seed"])): row for row in rows}
 
 
@@ -168,12 +168,8 @@ def _std(values: list[float]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    if rows:
+        atomic_write_text(path, csv_text(rows))
 
 
 def main() -> None:

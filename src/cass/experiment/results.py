@@ -153,11 +153,16 @@ class TrainingTime:
     def hours(self) -> float:
         return (self.pretraining_s + self.cells_s) / 3600
 
+    @classmethod
+    def of(cls, runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> TrainingTime:
+        """From the rows of ``pretraining.csv`` and of ``results.csv`` (or ``results.json``)."""
+        return cls(len(runs), sum(float(run["time_s"]) for run in runs),
+                   len(cells), sum(float(cell["finetune_time_s"] or 0) for cell in cells))
+
 
 def training_time(run_dir: Path) -> TrainingTime:
     """The :class:`TrainingTime` of an experiment directory (or of its files kept under ``results/``)."""
     run_dir = Path(run_dir)
     runs = read_csv(run_dir / PRETRAINING_CSV) if (run_dir / PRETRAINING_CSV).is_file() else []
     cells = read_csv(run_dir / RESULTS_CSV) if (run_dir / RESULTS_CSV).is_file() else []
-    return TrainingTime(len(runs), sum(float(run["time_s"]) for run in runs),
-                        len(cells), sum(float(cell["finetune_time_s"] or 0) for cell in cells))
+    return TrainingTime.of(runs, cells)

@@ -14,7 +14,7 @@ import csv
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from cass.experiment.comparisons import (
     write_comparisons,
 )
 from cass.experiment.plan import Cell, plan
-from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, training_time
+from cass.experiment.results import PRETRAINING_CSV, RESULTS_JSON, TrainingTime
 from cass.experiment.run import ENVIRONMENT, EXPERIMENT_YAML
 from cass.methods.registry import method_class
 from cass.reporting.explain import grad_cam_maps, vit_attention_maps
@@ -254,9 +254,16 @@ def results_table(report: Report, metric: str = "macro_f1") -> str:
     cells = _groups(report.main, "method", "arch", "init", "label_fraction")
     rows = [[method_name(method), report.network(arch), init,
              *(_cell(report, cells.get((method, arch, init, f), []), metric) for f in fractions)]
-            for method in report.cfg.methods for arch in report.cfg.archs
-            for init in (i.name for i in report.cfg.inits)]
+            for method, arch, init in _conditions(report)]
     return markdown_table(["method", "network", "init", *map(_fraction, fractions)], rows)
+
+
+def _conditions(report: Report) -> Iterator[tuple[str, str, str]]:
+    """(method, arch, init) of the fine-tuning grid, in the order of its tables."""
+    for method in report.cfg.methods:
+        for arch in report.cfg.archs:
+            for init in (i.name for i in report.cfg.inits):
+                yield method, arch, init
 
 
 def summary_table(run_dir: str | Path, metric: str = "macro_f1", readout: str | None = None) -> str:
@@ -300,19 +307,17 @@ def published_table(report: Report, published: PublishedResult) -> str:
     metrics = list(published.scores)
     rows = [[f"**{published.name}** (published)", "", ""] + [f"{published.scores[m]:.3f}" for m in metrics]]
     cells = _groups(report.main, "method", "arch", "init", "label_fraction")
-    for method in report.cfg.methods:
-        for arch in report.cfg.archs:
-            for init in (i.name for i in report.cfg.inits):
-                found = cells.get((method, arch, init, published.label_fraction))
-                if not found:
-                    continue
-                values = []
-                for metric in metrics:
-                    result = _cell_interval(report, found, metric)
-                    values.append(_format(_mean_std(row[f"test_{metric}"] for row in found)) if result is None else
-                                  f"{_format_interval(result)}: "
-                                  f"{AGAINST_PUBLISHED[_shifted(result, published.scores[metric]).verdict]}")
-                rows.append([method_name(method), report.network(arch), init, *values])
+    for method, arch, init in _conditions(report):
+        found = cells.get((method, arch, init, published.label_fraction))
+        if not found:
+            continue
+        values = []
+        for metric in metrics:
+            result = _cell_interval(report, found, metric)
+            values.append(_format(_mean_std(row[f"test_{metric}"] for row in found)) if result is None else
+                          f"{_format_interval(result)}: "
+                          f"{AGAINST_PUBLISHED[_shifted(result, published.scores[metric]).verdict]}")
+        rows.append([method_name(method), report.network(arch), init, *values])
     return markdown_table(["method", "network", "init", *(METRIC_NAMES[m] for m in metrics)], rows)
 
 
@@ -441,7 +446,7 @@ def _time_groups(report: Report) -> dict[str, list[float]]:
 
 def _total_time(report: Report) -> str:
     """The experiment's training time so far, in one sentence."""
-    spent = training_time(report.run_dir)
+    spent = TrainingTime.of(report.runs, report.rows)
     return (f"The whole experiment so far: {spent.pretraining_runs} pretraining runs, {spent.pretraining_s:,.0f} s; "
             f"{spent.cells} fine-tuning and readout cells, {spent.cells_s:,.0f} s; together {spent.hours:.1f} hours "
             "of training on the machine above (loading images, reports and bootstraps not counted).")
